@@ -1,0 +1,36 @@
+# Two commands on a fresh clone:  `make run` (set up + whole pipeline)  and  `make test` (set up + tests).
+# Both create .venv if it is missing and install llmpipe into it (once; again when pyproject changes).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.llmpipe-installed
+# torch==2.13.0 resolves to the CPU wheel on this machine. Elsewhere, for a CPU-only box, use e.g.
+#   make TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt $(TORCH_PIP_ARGS) torch
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/llmpipe run
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/ingest_normalize.py
+
+clean:
+	rm -rf data reports plots metrics dvc.lock .llmpipe

@@ -1,0 +1,1 @@
+"""How llmpipe is driven: the CLI and the Prefect pipeline flow."""

@@ -1,0 +1,157 @@
+"""`llmpipe` command line: run the pipeline, run one stage, see what is stale.
+
+llmpipe run [--only dedup] [--from X] [--to Y] [--force] [-S section.key=value ...]
+llmpipe stage NAME          # what dvc.yaml's `cmd` calls
+llmpipe status              # which stages are stale (from DVC) and their last metrics
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.env import configure_environment
+from tasks.layout import METRICS_DIR, project_root
+from tasks.params import ParamsError
+
+app = typer.Typer(
+    help="llmpipe: raw text corpus → trained, evaluated small GPT (Prefect + DVC + MLflow).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+#: Failures caused by the user's input or params (exit code 3: the flow does not retry them).
+INPUT_ERRORS = (ParamsError, FileNotFoundError, ValueError, UnicodeError, PermissionError)
+
+
+def _root() -> Path:
+    try:
+        root = project_root()
+    except FileNotFoundError as err:
+        errors.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    configure_environment(root)
+    return root
+
+
+def _metrics_summary(stage: str, root: Path, limit: int = 6) -> str:
+    from tasks.io import read_json
+
+    path = root / METRICS_DIR / f"{stage}.json"
+    if not path.exists():
+        return ""
+    metrics: dict[str, Any] = read_json(path)
+    shown = [
+        f"{key}={value}"
+        for key, value in metrics.items()
+        if not key.startswith(("dropped_", "quarantined_")) and isinstance(value, (int, float))
+    ]
+    return ", ".join(shown[:limit])
+
+
+@app.command()
+def stage(name: Annotated[str, typer.Argument(help="stage to execute, e.g. ingest")]) -> None:
+    """Execute one stage now (what dvc.yaml's `cmd` runs; DVC does not check staleness here)."""
+    root = _root()
+    from tasks.runner import run_stage
+
+    try:
+        metrics = run_stage(name, root)
+    except KeyError as err:
+        errors.print(f"[red]error:[/red] {err.args[0]}")
+        raise typer.Exit(2) from None
+    except INPUT_ERRORS as err:
+        errors.print(f"[red]error in stage {name}:[/red] {err}")
+        raise typer.Exit(3) from None
+    table = Table(title=f"{name}: metrics", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    console.print(table)
+
+
+@app.command()
+def run(
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="run just these stages (repeat or comma-separate)")
+    ] = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="first stage to run")] = None,
+    to_stage: Annotated[str | None, typer.Option("--to", help="last stage to run")] = None,
+    force: Annotated[bool, typer.Option("--force", help="rerun even if DVC finds it up to date")] = False,
+    set_params: Annotated[
+        list[str] | None,
+        typer.Option("-S", "--set-param", help="section.key=value, written to params.yaml first"),
+    ] = None,
+) -> None:
+    """Run the pipeline (all stages, or a slice) as a Prefect flow; DVC skips what is up to date."""
+    root = _root()
+    from flows.pipeline import pipeline
+
+    selected = [name for item in only or [] for name in item.split(",") if name]
+    try:
+        outcomes = pipeline(
+            only=selected or None,
+            from_stage=from_stage,
+            to_stage=to_stage,
+            force=force,
+            overrides=set_params or [],
+            root=str(root),
+        )
+    except (ParamsError, ValueError) as err:
+        errors.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(3) from None
+    except Exception as err:  # a failed stage: Prefect already logged its output
+        errors.print(f"[red]pipeline failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    table = Table(title="llmpipe run")
+    for column in ("stage", "status", "seconds", "metrics"):
+        table.add_column(column, justify="right" if column == "seconds" else "left")
+    colours = {"ran": "green", "skipped": "dim", "restored": "cyan"}
+    for outcome in outcomes:
+        status = outcome["status"]
+        table.add_row(
+            outcome["stage"],
+            f"[{colours.get(status, 'white')}]{status}[/]",
+            f"{outcome['seconds']:.1f}",
+            _metrics_summary(outcome["stage"], root),
+        )
+    console.print(table)
+
+
+@app.command()
+def status() -> None:
+    """Show each stage: up to date or stale (and why, from `dvc status`), with its last metrics."""
+    root = _root()
+    from flows.stages import declared_stages, stale_stages
+
+    stale = stale_stages(root)
+    table = Table(title="llmpipe status")
+    for column in ("stage", "state", "why", "last metrics"):
+        table.add_column(column)
+    for name in declared_stages(root):
+        if name in stale:
+            state, why = "[yellow]stale[/]", "; ".join(stale[name]) or "never run"
+        else:
+            state, why = "[green]up to date[/]", ""
+        table.add_row(name, state, why, _metrics_summary(name, root))
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The Prefect pipeline flow: one task per stage, each running `dvc repro --single-item <stage>`.
+
+DVC decides whether a stage is stale, so `llmpipe run`, `dvc repro` and a scheduled run share one code
+path and `dvc.lock` is always current. The flow opens the MLflow parent run; every stage that really
+executes logs a nested child run (see tasks/tracking.py). A stage DVC found up to date is reported as
+`skipped`, one DVC restored from its run-cache as `restored`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.stages import declared_stages, select_stages, stale_stages
+from tasks import tracking
+from tasks.io import read_json
+from tasks.layout import METRICS_DIR, PARAMS_FILE, project_root
+from tasks.params import load_params_file, set_overrides
+
+#: `llmpipe stage` exits with this code for bad input or bad params: retrying cannot help.
+INPUT_ERROR_EXIT = 3
+
+
+class StageFailed(RuntimeError):
+    """`dvc repro` of a stage failed; the message carries the tail of its output."""
+
+
+class StageInputError(StageFailed):
+    """The stage rejected its input or params (not transient, so never retried)."""
+
+
+def _retry_unless_input_error(task: Any, task_run: Any, state: Any) -> bool:
+    return not isinstance(state.data, StageInputError)
+
+
+@task(
+    name="stage",
+    task_run_name="{stage}",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
+def reproduce_stage(stage: str, root: Path, parent_run_id: str, force: bool = False) -> dict[str, Any]:
+    """Bring one stage up to date through DVC and report what happened."""
+    logger = get_run_logger()
+    reasons = stale_stages(root, [stage]).get(stage, [])
+    if not reasons and not force:
+        logger.info("%s: up to date, skipped", stage)
+        return {"stage": stage, "status": "skipped", "seconds": 0.0, "run_id": None}
+    logger.info("%s: %s", stage, "; ".join(reasons) if reasons else "forced")
+
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
+    env = {**os.environ, tracking.PARENT_RUN_ENV: parent_run_id}
+    started = time.perf_counter()
+    tail: deque[str] = deque(maxlen=40)
+    with subprocess.Popen(
+        command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip()
+            if line:
+                tail.append(line)
+                logger.info("%s | %s", stage, line)
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        error = StageInputError if f"exited with {INPUT_ERROR_EXIT}" in "\n".join(tail) else StageFailed
+        raise error(f"stage {stage!r} failed (dvc exit {process.returncode}):\n" + "\n".join(tail))
+
+    run_id = tracking.find_stage_run(root, parent_run_id, stage)
+    return {
+        "stage": stage,
+        "status": "ran" if run_id else "restored",  # no child run: DVC restored outputs from its run-cache
+        "seconds": round(seconds, 2),
+        "run_id": run_id,
+    }
+
+
+def summary_markdown(outcomes: list[dict[str, Any]], root: Path) -> str:
+    lines = ["| stage | status | seconds | metrics |", "|---|---|---|---|"]
+    for outcome in outcomes:
+        metrics_file = root / METRICS_DIR / f"{outcome['stage']}.json"
+        metrics = read_json(metrics_file) if metrics_file.exists() else {}
+        shown = ", ".join(
+            f"{k}={v}" for k, v in metrics.items() if not k.startswith(("dropped_", "quarantined_"))
+        )
+        lines.append(f"| {outcome['stage']} | {outcome['status']} | {outcome['seconds']} | {shown} |")
+    return "\n".join(lines)
+
+
+@flow(name="llmpipe", log_prints=True)
+def pipeline(
+    only: list[str] | None = None,
+    from_stage: str | None = None,
+    to_stage: str | None = None,
+    force: bool = False,
+    overrides: list[str] | None = None,
+    root: str | None = None,
+) -> list[dict[str, Any]]:
+    """Run the selected stages in order, after writing `overrides` (`section.key=value`) to params.yaml."""
+    project = Path(root).resolve() if root else project_root()
+    set_overrides(project / PARAMS_FILE, overrides or [])
+    stages = select_stages(declared_stages(project), only, from_stage, to_stage)
+    params = load_params_file(project / PARAMS_FILE)
+    run_params = {
+        "stages": ",".join(stages),
+        "force": force,
+        "overrides": ";".join(overrides or []),
+        **{stage: params.get(stage, {}) for stage in stages},
+    }
+    outcomes: list[dict[str, Any]] = []
+    with tracking.pipeline_run(project, run_name="pipeline", params=run_params) as parent:
+        for stage in stages:
+            outcomes.append(reproduce_stage(stage, project, parent.info.run_id, force))
+        summary = summary_markdown(outcomes, project)
+        create_markdown_artifact(markdown=summary, key="llmpipe-summary", description="llmpipe stages")
+        tracking.log_summary(project, outcomes)
+    return outcomes

@@ -1,0 +1,55 @@
+"""What DVC knows about the stages: which exist, which are stale and why, and slicing the pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tasks.layout import PIPELINE_STAGES
+
+
+def declared_stages(root: Path) -> list[str]:
+    """Stages dvc.yaml declares, in pipeline order."""
+    with open(root / "dvc.yaml", encoding="utf-8") as handle:
+        declared = set(yaml.safe_load(handle)["stages"])
+    return [stage for stage in PIPELINE_STAGES if stage in declared]
+
+
+def select_stages(
+    available: list[str], only: list[str] | None = None, start: str | None = None, end: str | None = None
+) -> list[str]:
+    """`--only a,b` picks stages; `--from X` / `--to Y` cut the ordered list (both inclusive)."""
+    for name in [*(only or []), start, end]:
+        if name is not None and name not in available:
+            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(available)}")
+    if only:
+        return [stage for stage in available if stage in only]
+    first = available.index(start) if start else 0
+    last = available.index(end) if end else len(available) - 1
+    if first > last:
+        raise ValueError(f"--from {start} comes after --to {end}")
+    return available[first : last + 1]
+
+
+def stale_stages(root: Path, stages: list[str] | None = None) -> dict[str, list[str]]:
+    """{stage: reasons} for every stale stage among `stages` (all when None); up-to-date ones are absent."""
+    from dvc.repo import Repo  # imported here: DVC costs ~0.3 s and only some commands need it
+
+    with Repo(str(root)) as repo:
+        status = repo.status(targets=stages)
+    stale: dict[str, list[str]] = {}
+    for name, changes in status.items():
+        reasons = stale.setdefault(name.rsplit(":", 1)[-1], [])
+        for change in changes:
+            if isinstance(change, dict):
+                for kind, detail in change.items():
+                    shown = (
+                        ", ".join(f"{k} {v}" for k, v in detail.items())
+                        if isinstance(detail, dict)
+                        else detail
+                    )
+                    reasons.append(f"{kind}: {shown}")
+            else:
+                reasons.append(str(change))
+    return stale

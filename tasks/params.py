@@ -1,0 +1,136 @@
+"""params.yaml: one section per stage, parsed into that stage's dataclass with clear errors.
+
+A stage reads only its own section, and dvc.yaml lists exactly that section, so changing a value
+reruns exactly the stages that read it. `set_overrides` implements `-S section.key=value` the way
+`dvc exp run -S` does: the value is written into params.yaml (comments preserved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from ruamel.yaml import YAML
+
+from tasks.io import atomic_file
+
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """A missing, unknown or ill-typed parameter; the message names it as `section.key`."""
+
+
+def load_params_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of stage sections, got {type(data).__name__}")
+    return data
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Accept `value` if it fits `annotation` (ints are accepted for floats); raise ParamsError if not."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _check_type(value, option, where)
+            except ParamsError:
+                continue
+        raise ParamsError(f"{where}: {value!r} is not a valid {annotation}")
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise ParamsError(f"{where}: expected null, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        (item_type, *_) = typing.get_args(annotation) or (Any,)
+        return [_check_type(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is typing.Literal:
+        if value not in typing.get_args(annotation):
+            raise ParamsError(f"{where}: {value!r} is not one of {list(typing.get_args(annotation))}")
+        return value
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ParamsError(f"{where}: expected {annotation.__name__}, got a boolean {value!r}")
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise ParamsError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_section(cls: type[T], section: str, values: dict[str, Any] | None) -> T:
+    """Build dataclass `cls` from one params.yaml section; unknown keys and wrong types are errors."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ParamsError(f"params.yaml: section '{section}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"params.yaml: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"known keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {
+        name: _check_type(value, hints[name], f"params.yaml: {section}.{name}")
+        for name, value in values.items()
+    }
+    try:
+        params = cls(**kwargs)
+    except TypeError as err:
+        raise ParamsError(f"params.yaml: section '{section}': {err}") from None
+    validate = getattr(params, "validate", None)
+    if validate is not None:
+        validate()
+    return params
+
+
+def load_section(cls: type[T], section: str, params_file: Path) -> T:
+    return parse_section(cls, section, load_params_file(params_file).get(section))
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """`normalize.min_words=20` → (["normalize", "min_words"], 20); the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key or "." not in key:
+        raise ParamsError(f"override {assignment!r}: expected section.key=value")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def set_overrides(params_file: Path, assignments: list[str]) -> None:
+    """Write `section.key=value` assignments into params.yaml, keeping its comments and order."""
+    if not assignments:
+        return
+    ruamel = YAML()
+    ruamel.preserve_quotes = True
+    with open(params_file, encoding="utf-8") as handle:
+        document = ruamel.load(handle)
+    for assignment in assignments:
+        keys, value = parse_override(assignment)
+        node = document
+        for key in keys[:-1]:
+            if key not in node or not isinstance(node[key], dict):
+                raise ParamsError(f"override {assignment!r}: params.yaml has no section '{key}'")
+            node = node[key]
+        node[keys[-1]] = value
+    with atomic_file(params_file) as handle:
+        ruamel.dump(document, handle)

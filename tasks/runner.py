@@ -1,0 +1,45 @@
+"""Run one stage the same way from every entry point (`llmpipe stage`, `dvc repro`, the Prefect flow).
+
+Parse the stage's params section → call its plain function → write `metrics/<stage>.json` atomically
+→ log a tracked MLflow run. Stages themselves know nothing about MLflow, DVC or Prefect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from tasks import ingest, normalize, tracking
+from tasks.io import write_json
+from tasks.layout import METRICS_DIR, PARAMS_FILE
+from tasks.params import load_section
+
+
+class Stage(NamedTuple):
+    params_class: type
+    run: Callable[[Any, Path], dict[str, Any]]
+    summary: str
+
+
+#: The stages implemented so far, in pipeline order (a subset of layout.PIPELINE_STAGES).
+STAGES: dict[str, Stage] = {
+    "ingest": Stage(ingest.IngestParams, ingest.run, "read raw files into Parquet; quarantine bad records"),
+    "normalize": Stage(
+        normalize.NormalizeParams, normalize.run, "Unicode/whitespace clean-up and Gopher quality filters"
+    ),
+}
+
+
+def run_stage(name: str, root: Path, track: bool = True) -> dict[str, Any]:
+    """Execute stage `name` in project `root` and return its metrics."""
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    stage = STAGES[name]
+    params = load_section(stage.params_class, name, root / PARAMS_FILE)
+    metrics = stage.run(params, root)
+    write_json(root / METRICS_DIR / f"{name}.json", metrics)
+    if track:
+        tracking.log_stage(root, tracking.StageLog(name, dataclasses.asdict(params), metrics))
+    return metrics

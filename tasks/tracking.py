@@ -1,0 +1,177 @@
+"""MLflow tracking shared by every stage: the embedded store, parent/child runs, tags and artifacts.
+
+One parent run per pipeline run (opened by the Prefect flow), one nested child per executed stage
+(opened by `llmpipe stage` inside `dvc repro`). The child finds its parent through the environment
+variable `LLMPIPE_PARENT_RUN_ID`: MLflow's active run is thread-local and a DVC subprocess cannot see
+it. Without a parent (a plain `dvc repro`), each stage logs a top-level run of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+
+from tasks.io import dvc_md5, read_json
+from tasks.layout import METRICS_DIR, PLOTS_DIR, REPORTS_DIR, state_dir
+
+PARENT_RUN_ENV = "LLMPIPE_PARENT_RUN_ID"
+EXPERIMENT_ENV = "LLMPIPE_EXPERIMENT"
+DEFAULT_EXPERIMENT = "llmpipe"
+STAGE_TAG = "llmpipe.stage"
+PIPELINE_TAG = "llmpipe.pipeline"
+
+
+def default_tracking_uri(root: Path) -> str:
+    """The embedded store: an absolute sqlite path inside the project's state folder."""
+    return f"sqlite:///{(state_dir(root) / 'mlflow.db').resolve()}"
+
+
+def configure(root: Path) -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI or the embedded store; return the experiment id."""
+    embedded = default_tracking_uri(root)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or embedded
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # With the embedded store, artifacts live beside it (not in ./mlruns of whatever the cwd is).
+    location = (state_dir(root) / "mlartifacts").as_uri() if uri == embedded else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another process
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's commit, suffixed with `-dirty` when tracked files have uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}; lists become their string form (MLflow params are strings)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        key: float(value)
+        for key, value in flatten(metrics).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+def stage_io(root: Path, stage: str) -> tuple[list[str], list[str]]:
+    """The deps and outs (metrics/plots included) dvc.yaml declares for `stage`."""
+    with open(root / "dvc.yaml", encoding="utf-8") as handle:
+        spec = yaml.safe_load(handle)["stages"][stage]
+
+    def names(entries: list[Any]) -> list[str]:
+        return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
+
+    outs = names(spec.get("outs", [])) + names(spec.get("metrics", [])) + names(spec.get("plots", []))
+    return names(spec.get("deps", [])), outs
+
+
+def md5_tags(root: Path, stage: str) -> dict[str, str]:
+    """`md5.dep.<path>` / `md5.out.<path>` tags with the same values dvc.lock records."""
+    deps, outs = stage_io(root, stage)
+    tags = {}
+    for kind, paths in (("dep", deps), ("out", outs)):
+        for path in paths:
+            if (root / path).exists():
+                tags[f"md5.{kind}.{path}"] = dvc_md5(root / path)
+    return tags
+
+
+@contextlib.contextmanager
+def pipeline_run(root: Path, run_name: str, params: Mapping[str, Any]) -> Iterator[mlflow.ActiveRun]:
+    """The parent run of one pipeline run; stages see its id through $LLMPIPE_PARENT_RUN_ID."""
+    experiment_id = configure(root)
+    tags = {PIPELINE_TAG: "true", "git_commit": git_commit(root)}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
+        yield run
+
+
+@dataclasses.dataclass
+class StageLog:
+    """What a stage hands to `log_stage`: its params section and the metrics dict it returned."""
+
+    stage: str
+    params: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+
+
+def log_stage(root: Path, log: StageLog) -> str:
+    """Log one executed stage as a run (nested under the pipeline run when there is one); return its id."""
+    experiment_id = configure(root)
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    tags = {STAGE_TAG: log.stage, "git_commit": git_commit(root), **md5_tags(root, log.stage)}
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=log.stage, parent_run_id=parent, tags=tags
+    ) as run:
+        mlflow.log_params({k: str(v) for k, v in flatten(log.params).items()})
+        mlflow.log_metrics(numeric_metrics(log.metrics))
+        metrics_file = root / METRICS_DIR / f"{log.stage}.json"
+        if metrics_file.exists():
+            mlflow.log_artifact(str(metrics_file), artifact_path="metrics")
+        reports = root / REPORTS_DIR / log.stage
+        if reports.is_dir():
+            mlflow.log_artifacts(str(reports), artifact_path="reports")
+        for plot in sorted((root / PLOTS_DIR).glob(f"{log.stage}_*.csv")):
+            mlflow.log_artifact(str(plot), artifact_path="plots")
+        return run.info.run_id
+
+
+def find_stage_run(root: Path, parent_run_id: str, stage: str) -> str | None:
+    """The id of `stage`'s child run under `parent_run_id`, if that stage logged one."""
+    experiment_id = configure(root)
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}'",
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def log_summary(root: Path, outcomes: list[dict[str, Any]]) -> None:
+    """On the active (parent) run: each stage's status and its current metrics as `<stage>.<metric>`,
+    so whole pipeline runs compare side by side in MLflow even when a stage was skipped."""
+    mlflow.set_tags({f"status.{outcome['stage']}": outcome["status"] for outcome in outcomes})
+    mlflow.log_dict({"stages": outcomes}, "summary.json")
+    for outcome in outcomes:
+        metrics_file = root / METRICS_DIR / f"{outcome['stage']}.json"
+        if metrics_file.exists():
+            metrics = numeric_metrics(read_json(metrics_file))
+            mlflow.log_metrics({f"{outcome['stage']}.{key}": value for key, value in metrics.items()})

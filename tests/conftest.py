@@ -1,0 +1,123 @@
+"""Shared fixtures: an isolated tool environment, a small real-looking corpus, and a temporary copy of
+the project (its own git repo + DVC) to run `dvc repro`, `llmpipe` and the Prefect flow in."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_STATE = Path(os.environ.get("PYTEST_LLMPIPE_STATE", f"/tmp/llmpipe-tests-{os.getpid()}"))
+
+# Before Prefect/MLflow are imported anywhere: keep their state out of $HOME and quiet offline.
+os.environ.update(
+    {
+        "PREFECT_HOME": str(_STATE / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(_STATE / "dvc-site-cache"),
+        "MPLCONFIGDIR": str(_STATE / "matplotlib"),
+        "GIT_AUTHOR_NAME": "llmpipe-tests",
+        "GIT_AUTHOR_EMAIL": "tests@localhost",
+        "GIT_COMMITTER_NAME": "llmpipe-tests",
+        "GIT_COMMITTER_EMAIL": "tests@localhost",
+    }
+)
+os.environ.pop("LLMPIPE_ROOT", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+# `llmpipe` (dvc.yaml's cmd) must resolve to this interpreter's console script.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
+ENGLISH = [
+    "The harbour town woke slowly under a grey sky. Fishermen carried their nets down to the boats while "
+    "the baker opened his shutters and set warm loaves on the counter. Children ran along the sea wall, "
+    "calling to the gulls, and an old woman swept the steps of the chapel as she had done every morning "
+    "for forty years. Nobody in the town expected that the day would bring anything unusual.",
+    "In the library the clocks ticked in no particular agreement. A student read about the history of "
+    "printing, taking careful notes on how movable type changed the way ideas travelled across Europe. "
+    "Books became cheaper, more people learned to read, and arguments that once stayed inside monasteries "
+    "spread through markets and taverns. She underlined a sentence and looked out at the rain.",
+    "Gardening teaches patience more than any lecture could. Seeds planted in spring do not care about "
+    "deadlines; they wait for warmth and water and then grow at their own pace. A good gardener watches "
+    "the soil, learns which corner of the plot stays wet, and moves the tomatoes to where the sun lingers "
+    "longest in the afternoon. Mistakes are simply next year's lessons.",
+]
+JAPANESE = (
+    "春になると、川沿いの桜並木には多くの人が集まります。朝早くから場所を取る家族もいれば、"
+    "仕事帰りに少しだけ立ち寄る人もいます。花びらが風に舞う様子を眺めながら、友人と弁当を食べたり、"
+    "写真を撮ったりして、短い季節を楽しみます。夜になると提灯に明かりがともり、昼とは違う静かな"
+    "美しさが広がります。この時期だけは、忙しい毎日を忘れてゆっくり過ごす人が多いようです。"
+)
+
+
+def write_small_corpus(corpus: Path) -> None:
+    """A few documents in several formats, with one bad record and one binary file to quarantine."""
+    (corpus / "en").mkdir(parents=True, exist_ok=True)
+    (corpus / "ja").mkdir(parents=True, exist_ok=True)
+    (corpus / "en" / "stories.txt").write_text("\n\n".join(ENGLISH[:2]) + "\n", encoding="utf-8")
+    with gzip.open(corpus / "en" / "notes.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.write(json.dumps({"text": ENGLISH[2]}) + "\n")
+        handle.write('{"text": "an unterminated record\n')  # malformed → quarantined
+    (corpus / "ja" / "sakura.txt").write_text(JAPANESE + "\n", encoding="utf-8")
+    (corpus / "en" / "blob.txt").write_bytes(bytes(range(256)) * 8)  # binary → quarantined
+
+
+def _project_files() -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    return [name for name in listed if not name.startswith(("corpus/", "tests/")) and (REPO / name).is_file()]
+
+
+def make_project(destination: Path) -> Path:
+    """Copy the project (minus the bundled corpus) into a fresh git repo with a small corpus."""
+    for name in _project_files():
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    write_small_corpus(destination / "corpus")
+    subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=destination, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "test project"], cwd=destination, check=True)
+    return destination
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
+
+
+def run_cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command (e.g. `llmpipe ...`, `dvc ...`) inside the project like a user would."""
+    command = list(args)
+    if command[0] == "dvc":
+        command = [sys.executable, "-m", "dvc", *command[1:]]
+    elif command[0] == "llmpipe":
+        command = [str(Path(sys.executable).parent / "llmpipe"), *command[1:]]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

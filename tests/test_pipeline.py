@@ -1,0 +1,157 @@
+"""The spine end to end in a temporary copy of the project: dvc repro, llmpipe run, the Prefect flow,
+MLflow parent/child runs with DVC md5 tags, and a killed stage."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli
+
+from tasks.params import set_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def mlflow_client(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / '.llmpipe' / 'mlflow.db'}")
+
+
+def all_runs(root: Path) -> list:
+    client = mlflow_client(root)
+    experiment = client.get_experiment_by_name("llmpipe")
+    return client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
+
+
+def lock_md5s(root: Path, stage: str) -> dict[str, str]:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"][stage]
+    md5s = {f"md5.dep.{d['path']}": d["md5"] for d in lock.get("deps", [])}
+    md5s.update({f"md5.out.{o['path']}": o["md5"] for o in lock.get("outs", [])})
+    return md5s
+
+
+def metrics(root: Path, stage: str) -> dict:
+    return json.loads((root / "metrics" / f"{stage}.json").read_text())
+
+
+def test_dvc_repro_builds_then_noops_then_reruns_only_what_changed(project: Path) -> None:
+    first = run_cli(project, "dvc", "repro")
+    assert "Running stage 'ingest'" in first.stdout and "Running stage 'normalize'" in first.stdout
+    ingest, normalize = metrics(project, "ingest"), metrics(project, "normalize")
+    assert (ingest["docs_out"], ingest["quarantined"]) == (3, 2)  # bad JSON line + binary file
+    assert ingest["docs_in"] == ingest["docs_out"] + ingest["quarantined"]
+    assert normalize["docs_in"] == 3 and normalize["docs_out"] == 3  # English and Japanese all kept
+
+    # Each executed stage logged a tracked run whose md5 tags are exactly what dvc.lock recorded.
+    runs = {run.data.tags["llmpipe.stage"]: run for run in all_runs(project)}
+    assert set(runs) == {"ingest", "normalize"}
+    for stage, run in runs.items():
+        expected = lock_md5s(project, stage)
+        assert {k: v for k, v in run.data.tags.items() if k.startswith("md5.")} == expected
+        assert run.data.metrics["docs_out"] == metrics(project, stage)["docs_out"]
+        assert run.data.tags["git_commit"] not in ("", "unknown")
+
+    started = time.perf_counter()
+    second = run_cli(project, "dvc", "repro")
+    assert time.perf_counter() - started < 5
+    assert "Running stage" not in second.stdout
+    assert len(all_runs(project)) == 2  # a no-op logs nothing
+
+    set_overrides(project / "params.yaml", ["normalize.min_words=40"])
+    third = run_cli(project, "dvc", "repro")
+    assert "Running stage 'normalize'" in third.stdout
+    assert "Running stage 'ingest'" not in third.stdout
+    assert run_cli(project, "dvc", "status").stdout.strip().endswith("Data and pipelines are up to date.")
+
+
+def test_llmpipe_run_and_dvc_repro_share_one_state(project: Path) -> None:
+    run_cli(project, "dvc", "repro")
+    quiet = run_cli(project, "llmpipe", "run")
+    assert "skipped" in quiet.stdout and "ran" not in quiet.stdout.split("llmpipe run")[-1]
+
+    changed = run_cli(project, "llmpipe", "run", "-S", "normalize.max_words=50000")
+    assert yaml.safe_load((project / "params.yaml").read_text())["normalize"]["max_words"] == 50000
+    table = changed.stdout.split("llmpipe run")[-1]
+    assert "normalize" in table and "ran" in table
+    after = run_cli(project, "dvc", "repro")
+    assert "Running stage" not in after.stdout
+
+    status = run_cli(project, "llmpipe", "status")
+    assert "up to date" in status.stdout and "stale" not in status.stdout
+
+
+def test_prefect_flow_logs_one_parent_and_a_child_per_executed_stage(project: Path, prefect_harness) -> None:
+    from flows.pipeline import pipeline
+
+    outcomes = pipeline(root=str(project))
+    assert [(o["stage"], o["status"]) for o in outcomes] == [("ingest", "ran"), ("normalize", "ran")]
+    runs = all_runs(project)
+    parents = [run for run in runs if run.data.tags.get("llmpipe.pipeline") == "true"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.data.tags["llmpipe.stage"] for run in children) == ["ingest", "normalize"]
+    for child in children:
+        stage = child.data.tags["llmpipe.stage"]
+        assert {k: v for k, v in child.data.tags.items() if k.startswith("md5.")} == lock_md5s(project, stage)
+        assert child.data.metrics["docs_in"] == metrics(project, stage)["docs_in"]
+        assert child.data.params  # its params section
+    assert parent.data.metrics["normalize.docs_out"] == 3
+    assert parent.data.tags["status.ingest"] == "ran"
+
+    again = pipeline(root=str(project))
+    assert [o["status"] for o in again] == ["skipped", "skipped"]
+    forced = pipeline(root=str(project), only=["normalize"], force=True)
+    assert [(o["stage"], o["status"]) for o in forced] == [("normalize", "ran")]
+    assert len(all_runs(project)) == 2 + 1 + 2  # second pipeline run: parent only; third: parent + child
+
+
+def test_bad_params_and_missing_inputs_fail_clearly(project: Path) -> None:
+    set_overrides(project / "params.yaml", ["ingest.paths=[corpus/nowhere]"])
+    missing = run_cli(project, "llmpipe", "stage", "ingest", check=False)
+    assert missing.returncode == 3
+    assert "corpus/nowhere" in missing.stderr
+
+    set_overrides(project / "params.yaml", ["ingest.paths=[corpus]", "normalize.min_wordz=3"])
+    unknown = run_cli(project, "llmpipe", "stage", "normalize", check=False)
+    assert unknown.returncode == 3
+    assert "normalize.min_wordz" in unknown.stderr
+
+
+def test_killed_ingest_leaves_previous_output_untouched(project: Path) -> None:
+    run_cli(project, "llmpipe", "stage", "ingest")
+    raw = project / "data" / "raw"
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+
+    # A corpus big enough that ingest is still writing shards when we kill it.
+    big = project / "corpus" / "en" / "big.jsonl"
+    with open(big, "w", encoding="utf-8") as handle:
+        for i in range(300_000):
+            handle.write(json.dumps({"text": f"record {i} " + "words of filler text " * 5}) + "\n")
+    set_overrides(project / "params.yaml", ["ingest.rows_per_shard=2000"])
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "llmpipe"), "stage", "ingest"],
+        cwd=project,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((project / "data").glob(".raw.tmp-*/*.parquet")):
+        time.sleep(0.02)
+    assert process.poll() is None, "ingest finished before it could be killed; make the corpus bigger"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before  # old output intact, nothing mixed in
+    # DVC ignores the leftover temporary and the next run sweeps it away.
+    run_cli(project, "llmpipe", "stage", "ingest")
+    assert not list((project / "data").glob(".raw.tmp-*"))
+    assert metrics(project, "ingest")["docs_out"] == 3 + 300_000
