@@ -74,6 +74,8 @@ def stage(name: Annotated[str, typer.Argument(help="stage to execute, e.g. inges
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
+        if key.startswith(("dropped_", "quarantined_")) and not value:
+            continue  # per-reason counters: show only the reasons that occurred
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     console.print(table)
 

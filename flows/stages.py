@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -36,8 +37,14 @@ def stale_stages(root: Path, stages: list[str] | None = None) -> dict[str, list[
     """{stage: reasons} for every stale stage among `stages` (all when None); up-to-date ones are absent."""
     from dvc.repo import Repo  # imported here: DVC costs ~0.3 s and only some commands need it
 
-    with Repo(str(root)) as repo:
-        status = repo.status(targets=stages)
+    # DVC resolves a stage's paths against the working directory, not the repo root: work from the root.
+    previous = os.getcwd()
+    os.chdir(root)
+    try:
+        with Repo(str(root)) as repo:
+            status = repo.status(targets=stages)
+    finally:
+        os.chdir(previous)
     stale: dict[str, list[str]] = {}
     for name, changes in status.items():
         reasons = stale.setdefault(name.rsplit(":", 1)[-1], [])

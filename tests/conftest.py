@@ -32,6 +32,7 @@ os.environ.update(
         "GIT_COMMITTER_EMAIL": "tests@localhost",
     }
 )
+(_STATE / "prefect").mkdir(parents=True, exist_ok=True)
 os.environ.pop("LLMPIPE_ROOT", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # `llmpipe` (dvc.yaml's cmd) must resolve to this interpreter's console script.

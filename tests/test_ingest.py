@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from tasks import ingest
+from tasks import readers
 from tasks.ingest import IngestParams, run
 from tasks.io import DOC_SCHEMA, QUARANTINE_SCHEMA, ShardWriter, content_id, shard_paths
 from tasks.params import ParamsError, parse_section
@@ -189,7 +189,7 @@ def test_txt_paragraph_longer_than_the_limit_is_cut_at_lines(tmp_path: Path) -> 
 
 
 def test_json_array_streams_across_read_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingest, "JSON_READ_CHARS", 7)  # every value spans several reads
+    monkeypatch.setattr(readers, "JSON_READ_CHARS", 7)  # every value spans several reads
     items = [{"text": f"doc {i} " + "é" * i, "n": 12345.5e3} for i in range(30)]
     write(tmp_path / "big.json", " [\n" + ",\n ".join(json.dumps(x) for x in items) + "\n]\n")
     write(tmp_path / "bad.json", '[{"text": "good"}, {"text": "broken" "x"}, {"text": "lost"}]')
@@ -274,7 +274,7 @@ def test_bad_inputs_are_quarantined_and_accounted(tmp_path: Path) -> None:
     assert q["corpus/binary.txt"]["raw"] == (bytes(range(256)) * 8)[:4096]
     assert q["corpus/rows.csv:row 2"]["raw"] == b"too,many,fields\n"
     assert "'.png'" in q["corpus/image.png"]["reason"]
-    assert all(row["reason"].split(":")[0] in ingest.REASONS for row in q.values())
+    assert all(row["reason"].split(":")[0] in readers.REASONS for row in q.values())
 
     assert metrics["quarantined_missing_text_field"] == 5
     assert metrics["quarantined_empty_file"] == 3
@@ -289,7 +289,7 @@ def test_bad_inputs_are_quarantined_and_accounted(tmp_path: Path) -> None:
 
 
 def test_utf8_character_cut_by_the_sniff_window_is_not_misdetected(tmp_path: Path) -> None:
-    prefix = "a" * (ingest.SNIFF_BYTES - 1)  # "é" (2 bytes) straddles the sample boundary
+    prefix = "a" * (readers.SNIFF_BYTES - 1)  # "é" (2 bytes) straddles the sample boundary
     write(tmp_path / "edge.txt", prefix + "é and more text\n")
     write(tmp_path / "bom.txt", "\ufeffwith a BOM: naïve\n")
     write(tmp_path / "wide.txt", "UTF-16 with BOM: 日本語\n".encode("utf-16"))

@@ -72,15 +72,22 @@ def test_dvc_repro_builds_then_noops_then_reruns_only_what_changed(project: Path
     assert run_cli(project, "dvc", "status").stdout.strip().endswith("Data and pipelines are up to date.")
 
 
+def latest_pipeline_run(root: Path):
+    parents = [run for run in all_runs(root) if run.data.tags.get("llmpipe.pipeline") == "true"]
+    return max(parents, key=lambda run: run.info.start_time)
+
+
 def test_llmpipe_run_and_dvc_repro_share_one_state(project: Path) -> None:
     run_cli(project, "dvc", "repro")
     quiet = run_cli(project, "llmpipe", "run")
-    assert "skipped" in quiet.stdout and "ran" not in quiet.stdout.split("llmpipe run")[-1]
+    assert "skipped" in quiet.stdout
+    tags = latest_pipeline_run(project).data.tags
+    assert (tags["status.ingest"], tags["status.normalize"]) == ("skipped", "skipped")
 
-    changed = run_cli(project, "llmpipe", "run", "-S", "normalize.max_words=50000")
+    run_cli(project, "llmpipe", "run", "-S", "normalize.max_words=50000")
     assert yaml.safe_load((project / "params.yaml").read_text())["normalize"]["max_words"] == 50000
-    table = changed.stdout.split("llmpipe run")[-1]
-    assert "normalize" in table and "ran" in table
+    tags = latest_pipeline_run(project).data.tags
+    assert (tags["status.ingest"], tags["status.normalize"]) == ("skipped", "ran")
     after = run_cli(project, "dvc", "repro")
     assert "Running stage" not in after.stdout
 
@@ -111,7 +118,7 @@ def test_prefect_flow_logs_one_parent_and_a_child_per_executed_stage(project: Pa
     assert [o["status"] for o in again] == ["skipped", "skipped"]
     forced = pipeline(root=str(project), only=["normalize"], force=True)
     assert [(o["stage"], o["status"]) for o in forced] == [("normalize", "ran")]
-    assert len(all_runs(project)) == 2 + 1 + 2  # second pipeline run: parent only; third: parent + child
+    assert len(all_runs(project)) == 3 + 1 + 2  # parent + 2 children; parent only; parent + 1 child
 
 
 def test_bad_params_and_missing_inputs_fail_clearly(project: Path) -> None:

@@ -1,0 +1,59 @@
+"""The project's declarations agree with each other: dvc.yaml, params.yaml, the stage registry, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.stages import select_stages
+from tasks.layout import PIPELINE_STAGES
+from tasks.params import load_section
+from tasks.runner import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_stage_is_declared_once_with_its_own_params_and_metrics() -> None:
+    declared = dvc_stages()
+    assert list(declared) == [stage for stage in PIPELINE_STAGES if stage in STAGES]
+    for name, spec in declared.items():
+        assert spec["cmd"] == f"llmpipe stage {name}"
+        assert spec["params"] == [name]  # exactly its own section
+        assert f"tasks/{name}.py" in spec["deps"]
+        assert [next(iter(m)) for m in spec["metrics"]] == [f"metrics/{name}.json"]
+        assert all(m[f"metrics/{name}.json"]["cache"] is False for m in spec["metrics"])
+        load_section(STAGES[name].params_class, name, REPO / "params.yaml")  # defaults parse cleanly
+
+
+def test_each_stage_reads_what_the_previous_one_writes() -> None:
+    declared = dvc_stages()
+    names = list(declared)
+    for upstream, downstream in itertools.pairwise(names):
+        assert declared[upstream]["outs"][0] in declared[downstream]["deps"]
+
+
+def test_stage_slicing() -> None:
+    stages = list(PIPELINE_STAGES)
+    assert select_stages(stages, start="dedup", end="plan") == ["dedup", "tokenizer", "plan"]
+    assert select_stages(stages, only=["evaluate", "ingest"]) == ["ingest", "evaluate"]
+    with pytest.raises(ValueError, match="dedupe"):
+        select_stages(stages, only=["dedupe"])
+    with pytest.raises(ValueError, match="comes after"):
+        select_stages(stages, start="plan", end="dedup")
+
+
+def test_cli_help_lists_the_commands() -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "llmpipe"), "--help"], capture_output=True, text=True, check=True
+    )
+    for command in ("run", "stage", "status"):
+        assert command in result.stdout
