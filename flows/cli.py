@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from flows.env import configure_environment
-from tasks.layout import METRICS_DIR, project_root
+from tasks.layout import project_root
 from tasks.params import ParamsError
 
 app = typer.Typer(
@@ -39,21 +39,6 @@ def _root() -> Path:
         raise typer.Exit(2) from None
     configure_environment(root)
     return root
-
-
-def _metrics_summary(stage: str, root: Path, limit: int = 6) -> str:
-    from tasks.io import read_json
-
-    path = root / METRICS_DIR / f"{stage}.json"
-    if not path.exists():
-        return ""
-    metrics: dict[str, Any] = read_json(path)
-    shown = [
-        f"{key}={value}"
-        for key, value in metrics.items()
-        if not key.startswith(("dropped_", "quarantined_")) and isinstance(value, (int, float))
-    ]
-    return ", ".join(shown[:limit])
 
 
 @app.command()
@@ -96,6 +81,7 @@ def run(
     """Run the pipeline (all stages, or a slice) as a Prefect flow; DVC skips what is up to date."""
     root = _root()
     from flows.pipeline import pipeline
+    from flows.stages import metrics_summary
 
     selected = [name for item in only or [] for name in item.split(",") if name]
     try:
@@ -123,7 +109,7 @@ def run(
             outcome["stage"],
             f"[{colours.get(status, 'white')}]{status}[/]",
             f"{outcome['seconds']:.1f}",
-            _metrics_summary(outcome["stage"], root),
+            metrics_summary(root, outcome["stage"]),
         )
     console.print(table)
 
@@ -132,7 +118,7 @@ def run(
 def status() -> None:
     """Show each stage: up to date or stale (and why, from `dvc status`), with its last metrics."""
     root = _root()
-    from flows.stages import declared_stages, stale_stages
+    from flows.stages import declared_stages, metrics_summary, stale_stages
 
     stale = stale_stages(root)
     table = Table(title="llmpipe status")
@@ -143,7 +129,7 @@ def status() -> None:
             state, why = "[yellow]stale[/]", "; ".join(stale[name]) or "never run"
         else:
             state, why = "[green]up to date[/]", ""
-        table.add_row(name, state, why, _metrics_summary(name, root))
+        table.add_row(name, state, why, metrics_summary(root, name))
     console.print(table)
 
 

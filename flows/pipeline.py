@@ -20,10 +20,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.stages import declared_stages, select_stages, stale_stages
+from flows.stages import declared_stages, metrics_summary, select_stages, stale_stages
 from tasks import tracking
-from tasks.io import read_json
-from tasks.layout import METRICS_DIR, PARAMS_FILE, project_root
+from tasks.layout import PARAMS_FILE, project_root
 from tasks.params import load_params_file, set_overrides
 
 #: `llmpipe stage` exits with this code for bad input or bad params: retrying cannot help.
@@ -89,11 +88,7 @@ def reproduce_stage(stage: str, root: Path, parent_run_id: str, force: bool = Fa
 def summary_markdown(outcomes: list[dict[str, Any]], root: Path) -> str:
     lines = ["| stage | status | seconds | metrics |", "|---|---|---|---|"]
     for outcome in outcomes:
-        metrics_file = root / METRICS_DIR / f"{outcome['stage']}.json"
-        metrics = read_json(metrics_file) if metrics_file.exists() else {}
-        shown = ", ".join(
-            f"{k}={v}" for k, v in metrics.items() if not k.startswith(("dropped_", "quarantined_"))
-        )
+        shown = metrics_summary(root, outcome["stage"], limit=20)
         lines.append(f"| {outcome['stage']} | {outcome['status']} | {outcome['seconds']} | {shown} |")
     return "\n".join(lines)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.layout import PIPELINE_STAGES
+from tasks.io import read_json
+from tasks.layout import METRICS_DIR, PIPELINE_STAGES
 
 
 def declared_stages(root: Path) -> list[str]:
@@ -60,3 +61,16 @@ def stale_stages(root: Path, stages: list[str] | None = None) -> dict[str, list[
             else:
                 reasons.append(str(change))
     return stale
+
+
+def metrics_summary(root: Path, stage: str, limit: int = 6) -> str:
+    """The first `limit` headline metrics of a stage's last run (per-reason counters left out)."""
+    path = root / METRICS_DIR / f"{stage}.json"
+    if not path.exists():
+        return ""
+    shown = [
+        f"{key}={value}"
+        for key, value in read_json(path).items()
+        if not key.startswith(("dropped_", "quarantined_")) and isinstance(value, (int, float))
+    ]
+    return ", ".join(shown[:limit])
