@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from tasks.io import DOC_SCHEMA, QUARANTINE_SCHEMA, ShardWriter, atomic_dir, atomic_file, content_id
@@ -229,10 +228,6 @@ def run(params: IngestParams, root: Path) -> dict[str, int | float]:
             raise _no_documents_error(files, reasons, examples)
         docs.close()
         quarantine.close()
-        if quarantine.rows_written == 0:  # an empty dataset, not an empty directory (DVC tracks files)
-            pq.write_table(
-                QUARANTINE_SCHEMA.empty_table(), quarantine_tmp / "part-00000.parquet", compression="zstd"
-            )
 
     with atomic_file(root / REPORT_FILE) as handle:
         writer = csv.DictWriter(handle, fieldnames=REPORT_COLUMNS, lineterminator="\n")

@@ -132,7 +132,7 @@ class ShardWriter:
 
     Rows are buffered column-wise and flushed as one shard once `rows_per_shard` rows or
     `bytes_per_shard` bytes of text have accumulated. Use inside `atomic_dir` so shards only become
-    visible together.
+    visible together. Closing an empty writer leaves one empty shard, never an empty directory.
     """
 
     def __init__(
@@ -182,7 +182,11 @@ class ShardWriter:
         self._buffered_bytes = 0
 
     def close(self) -> None:
+        """Flush; a dataset with no rows still gets one empty shard so readers (and DVC) see its schema."""
         self.flush()
+        if not self.shards_written:
+            pq.write_table(self.schema.empty_table(), self.directory / f"{self.prefix}-00000.parquet")
+            self.shards_written = 1
 
     def __enter__(self) -> ShardWriter:
         return self

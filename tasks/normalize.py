@@ -32,27 +32,24 @@ from __future__ import annotations
 
 import csv
 import itertools
-import os
 import re
 import time
 import unicodedata
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, fields
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
 import ftfy
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import regex
 from tqdm import tqdm
 
 from tasks.io import DOC_SCHEMA, ShardWriter, atomic_dir, atomic_file, content_id, count_rows, iter_batches
 from tasks.layout import NORMALIZED_DIR, PLOTS_DIR, QUARANTINE_DIR, RAW_DIR, REPORTS_DIR
+from tasks.parallel import ordered_map
 from tasks.params import ParamsError
 
 #: data/normalized: the document schema plus the script later stages (dedup shingling) key on.
@@ -461,32 +458,19 @@ def process_texts(texts: list[str | None], p: NormalizeParams) -> dict[str, list
     return out
 
 
-def _available_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _results(
     batches: Iterator[pa.RecordBatch], p: NormalizeParams
 ) -> Iterator[tuple[pa.RecordBatch, dict[str, list[Any]]]]:
     """(batch, processed) in input order; with workers != 1 a bounded window of batches runs in parallel."""
-    workers = p.workers or _available_cpus()
-    if workers == 1:
+    pending: deque[pa.RecordBatch] = deque()
+
+    def work() -> Iterator[tuple[list[str | None], NormalizeParams]]:
         for batch in batches:
-            yield batch, process_texts(batch.column("text").to_pylist(), p)
-        return
-    # spawn, not fork: the caller (Prefect, MLflow) may have threads running.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        window: deque[tuple[pa.RecordBatch, Future[dict[str, list[Any]]]]] = deque()
-        for batch in batches:
-            window.append((batch, pool.submit(process_texts, batch.column("text").to_pylist(), p)))
-            if len(window) >= 2 * workers:
-                done, future = window.popleft()
-                yield done, future.result()
-        while window:
-            done, future = window.popleft()
-            yield done, future.result()
+            pending.append(batch)
+            yield batch.column("text").to_pylist(), p
+
+    for result in ordered_map(process_texts, work(), p.workers):
+        yield pending.popleft(), result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,10 +483,6 @@ def _histogram(lengths: list[int]) -> np.ndarray:
     values = np.clip(values, HIST_EDGES[0], HIST_EDGES[-1])
     counts, _ = np.histogram(values, bins=HIST_EDGES)
     return counts
-
-
-def _write_empty_shard(directory: Path, schema: pa.Schema) -> None:
-    pq.write_table(schema.empty_table(), directory / "part-00000.parquet", compression="zstd")
 
 
 def _write_length_plots(root: Path, before: np.ndarray, after: np.ndarray) -> None:
@@ -600,10 +580,6 @@ def run(params: NormalizeParams, root: Path) -> dict[str, int | float]:
             progress.update(len(raw_texts))
         kept.close()
         dropped.close()
-        if not kept.shards_written:
-            _write_empty_shard(out_dir, NORMALIZED_SCHEMA)
-        if not dropped.shards_written:
-            _write_empty_shard(quarantine_dir, NORMALIZE_QUARANTINE_SCHEMA)
 
     _write_length_plots(root, hist_before, hist_after)
     _write_drops(root, drops, examples)

@@ -1,0 +1,165 @@
+"""MinHash/LSH building blocks for near-duplicate detection, vectorized with numpy.
+
+Flow for one document: `hashing_normalize` (a dedup-only view of the text; the training text is never
+changed) → `shingle_hashes` (word n-grams, or character n-grams for CJK, as 64-bit hashes) →
+`MinHasher.signature` (datasketch's default `affine32` scheme, bit-identical to
+`datasketch.MinHash(num_perm, seed).update_batch(...)` fed the same 32-bit shingle hashes) →
+`band_hashes` (one 64-bit bucket key per LSH band). Candidate pairs share a bucket in some band; they
+are verified with the exact `jaccard` of their shingle sets.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+
+import numpy as np
+import regex
+import xxhash
+from datasketch import MinHash
+
+_PUNCT_OR_SYMBOL = regex.compile(r"[\p{P}\p{S}]+")
+_DIGIT = regex.compile(r"\p{Nd}")
+_SPACE = re.compile(r"\s+")
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier combining the n token hashes of an n-gram
+_UINT32_MASK = np.uint64(0xFFFFFFFF)
+EMPTY_SIGNATURE_VALUE = np.uint32(0xFFFFFFFF)  # datasketch's value for a MinHash that saw nothing
+
+
+def hashing_normalize(text: str) -> str:
+    """Lowercase, strip accents (NFD + drop combining marks), punctuation/symbols → space, digits → 0,
+    whitespace collapsed: copies differing only in these ways hash identically."""
+    decomposed = unicodedata.normalize("NFD", text)
+    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    lowered = _DIGIT.sub("0", _PUNCT_OR_SYMBOL.sub(" ", stripped.lower()))
+    return _SPACE.sub(" ", lowered).strip()
+
+
+def exact_key(normalized: str) -> bytes:
+    """128-bit key of the hashing-normalized text: equal keys are exact duplicates."""
+    return xxhash.xxh3_128_digest(normalized.encode("utf-8"))
+
+
+def _fmix64(values: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer: spreads the combined n-gram value over all 64 bits."""
+    values = values ^ (values >> np.uint64(33))
+    values = values * np.uint64(0xFF51AFD7ED558CCD)
+    values = values ^ (values >> np.uint64(33))
+    values = values * np.uint64(0xC4CEB9FE1A85EC53)
+    return values ^ (values >> np.uint64(33))
+
+
+def _ngram_hashes(token_hashes: np.ndarray, n: int) -> np.ndarray:
+    """Hash every run of n consecutive tokens; a document shorter than n is one shingle."""
+    n = min(n, len(token_hashes))
+    if n == 0:
+        return np.empty(0, dtype=np.uint64)
+    count = len(token_hashes) - n + 1
+    combined = token_hashes[:count].copy()
+    for offset in range(1, n):
+        combined = combined * _MIX + token_hashes[offset : offset + count]
+    return _fmix64(combined)
+
+
+def shingle_hashes(normalized: str, mode: str, word_ngram: int = 5, char_ngram: int = 5) -> np.ndarray:
+    """64-bit hashes of the document's shingles (with repeats), from hashing-normalized text.
+
+    `mode="word"`: word n-grams (space-delimited scripts). `mode="char"`: character n-grams over the
+    text with spaces removed (CJK, where words are not separated by spaces).
+    """
+    if mode == "word":
+        tokens = normalized.split()
+        token_hashes = np.fromiter(
+            (xxhash.xxh3_64_intdigest(token.encode("utf-8")) for token in tokens), np.uint64, len(tokens)
+        )
+        return _ngram_hashes(token_hashes, word_ngram)
+    if mode == "char":
+        code_points = np.frombuffer(normalized.replace(" ", "").encode("utf-32-le"), dtype=np.uint32)
+        return _ngram_hashes(_fmix64(code_points.astype(np.uint64)), char_ngram)
+    raise ValueError(f"unknown shingle mode {mode!r} (expected 'word' or 'char')")
+
+
+def _fmix32(values: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer, exactly as datasketch pre-mixes hashes in its affine32 scheme."""
+    values = values ^ (values >> np.uint32(16))
+    values = values * np.uint32(0x85EBCA6B)
+    values = values ^ (values >> np.uint32(13))
+    values = values * np.uint32(0xC2B2AE35)
+    return values ^ (values >> np.uint32(16))
+
+
+class MinHasher:
+    """MinHash signatures with datasketch's permutations (`affine32`: h ↦ a·fmix32(h) + b mod 2³²)."""
+
+    def __init__(self, num_perm: int, seed: int) -> None:
+        a, b = MinHash(num_perm=num_perm, seed=seed).permutations
+        self.num_perm, self.seed = num_perm, seed
+        self._a = np.asarray(a, dtype=np.uint32)
+        self._b = np.asarray(b, dtype=np.uint32)
+
+    def signature(self, shingles: np.ndarray) -> np.ndarray:
+        """uint32[num_perm]; the low 32 bits of each shingle hash are what datasketch would hash."""
+        if len(shingles) == 0:
+            return np.full(self.num_perm, EMPTY_SIGNATURE_VALUE, dtype=np.uint32)
+        mixed = _fmix32((shingles & _UINT32_MASK).astype(np.uint32))
+        return (mixed[:, None] * self._a + self._b).min(axis=0)
+
+    def lean_minhash(self, signature: np.ndarray):
+        """The signature as a datasketch `LeanMinHash`, e.g. to query a `MinHashLSH` index."""
+        from datasketch import LeanMinHash
+
+        return LeanMinHash(seed=self.seed, hashvalues=signature, scheme="affine32")
+
+
+@functools.lru_cache(maxsize=8)
+def minhasher(num_perm: int, seed: int) -> MinHasher:
+    """One MinHasher per (num_perm, seed) and process (worker processes build theirs once)."""
+    return MinHasher(num_perm, seed)
+
+
+def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """uint64[n_docs, bands]: each band's `rows` signature values folded into one bucket key."""
+    grouped = signatures.reshape(len(signatures), bands, rows).astype(np.uint64)
+    keys = grouped[:, :, 0].copy()
+    for row in range(1, rows):
+        keys = keys * _MIX + grouped[:, :, row]
+    return _fmix64(keys)
+
+
+def candidate_probability(jaccard: np.ndarray | float, bands: int, rows: int) -> np.ndarray | float:
+    """The LSH S-curve: P(two documents share a bucket in some band | their Jaccard) = 1-(1-J^r)^b."""
+    return 1.0 - (1.0 - np.power(jaccard, rows)) ** bands
+
+
+def jaccard(first: np.ndarray, second: np.ndarray) -> float:
+    """Exact Jaccard of two shingle sets given as sorted unique arrays."""
+    if len(first) == 0 and len(second) == 0:
+        return 1.0
+    shared = len(np.intersect1d(first, second, assume_unique=True))
+    return shared / (len(first) + len(second) - shared)
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1 with path halving and union by size."""
+
+    def __init__(self, size: int) -> None:
+        self.parent = np.arange(size)
+        self.size = np.ones(size, dtype=np.int64)
+
+    def find(self, item: int) -> int:
+        parent = self.parent
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return int(item)
+
+    def union(self, first: int, second: int) -> None:
+        root_a, root_b = self.find(first), self.find(second)
+        if root_a == root_b:
+            return
+        if self.size[root_a] < self.size[root_b]:
+            root_a, root_b = root_b, root_a
+        self.parent[root_b] = root_a
+        self.size[root_a] += self.size[root_b]

@@ -1,0 +1,67 @@
+"""Run a function over a stream of work items on several cores, results in input order.
+
+Local processes by default (`spawn`, not `fork`: the caller — Prefect, MLflow — may have threads
+running); a Dask cluster when an address is configured (`"local"` starts a LocalCluster on this
+machine). A bounded window of in-flight items keeps memory flat however long the stream is.
+Results come back in input order, so outputs are identical whatever the worker count or engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _executor(workers: int, dask_address: str | None) -> Iterator[Executor]:
+    if dask_address:
+        from distributed import Client, LocalCluster
+
+        if dask_address == "local":
+            with (
+                LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster,
+                Client(cluster) as client,
+            ):
+                yield client.get_executor()
+        else:
+            with Client(dask_address) as client:
+                yield client.get_executor()
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        yield pool
+
+
+def ordered_map(
+    function: Callable[..., R],
+    items: Iterable[tuple[Any, ...]],
+    workers: int = 0,
+    dask_address: str | None = None,
+) -> Iterator[R]:
+    """Yield `function(*item)` for each item, in order. workers=0 means all CPUs; 1 runs in-process."""
+    workers = workers or available_cpus()
+    if workers == 1 and not dask_address:
+        for item in items:
+            yield function(*item)
+        return
+    with _executor(workers, dask_address) as executor:
+        window: deque[Future[R]] = deque()
+        for item in items:
+            window.append(executor.submit(function, *item))
+            if len(window) >= 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
