@@ -152,6 +152,7 @@ class ShardWriter:
         self.rows_written = 0
         self.shards_written = 0
         self._buffer: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._tables: list[pa.Table] = []
         self._buffered_rows = 0
         self._buffered_bytes = 0
 
@@ -162,22 +163,36 @@ class ShardWriter:
             if isinstance(value, (str, bytes)):
                 self._buffered_bytes += len(value)
         self._buffered_rows += 1
+        self._flush_if_full()
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append a whole Arrow table at once (columns selected and cast to the schema)."""
+        self._stage_rows()
+        self._tables.append(table.select(self.schema.names).cast(self.schema))
+        self._buffered_rows += table.num_rows
+        self._buffered_bytes += table.nbytes
+        self._flush_if_full()
+
+    def _flush_if_full(self) -> None:
         if self._buffered_rows >= self.rows_per_shard or self._buffered_bytes >= self.bytes_per_shard:
             self.flush()
 
-    def write_table(self, table: pa.Table) -> None:
-        for row in table.select(self.schema.names).to_pylist():
-            self.write(row)
+    def _stage_rows(self) -> None:
+        """Move rows given one by one into the list of tables waiting for the next shard."""
+        if self._buffer[self.schema.names[0]]:
+            self._tables.append(pa.table(self._buffer, schema=self.schema))
+            self._buffer = {name: [] for name in self.schema.names}
 
     def flush(self) -> None:
-        if not self._buffered_rows:
+        self._stage_rows()
+        if not self._tables:
             return
-        table = pa.table(self._buffer, schema=self.schema)
+        table = pa.concat_tables(self._tables)
         path = self.directory / f"{self.prefix}-{self.shards_written:05d}.parquet"
         pq.write_table(table, path, compression="zstd")
-        self.rows_written += self._buffered_rows
+        self.rows_written += table.num_rows
         self.shards_written += 1
-        self._buffer = {name: [] for name in self.schema.names}
+        self._tables = []
         self._buffered_rows = 0
         self._buffered_bytes = 0
 

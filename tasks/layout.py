@@ -14,6 +14,7 @@ PIPELINE_STAGES = ("ingest", "normalize", "dedup", "tokenizer", "plan", "pretrai
 
 RAW_DIR = Path("data/raw")
 NORMALIZED_DIR = Path("data/normalized")
+DEDUP_DIR = Path("data/dedup")
 QUARANTINE_DIR = Path("data/quarantine")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tasks import ingest, normalize, tracking
+from tasks import dedup, ingest, normalize, tracking
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, PARAMS_FILE
 from tasks.params import load_section
@@ -29,6 +29,7 @@ STAGES: dict[str, Stage] = {
     "normalize": Stage(
         normalize.NormalizeParams, normalize.run, "Unicode/whitespace clean-up and Gopher quality filters"
     ),
+    "dedup": Stage(dedup.DedupParams, dedup.run, "exact + MinHash/LSH near-duplicate removal, verified"),
 }
 
 

@@ -52,7 +52,7 @@ def test_dvc_repro_builds_then_noops_then_reruns_only_what_changed(project: Path
 
     # Each executed stage logged a tracked run whose md5 tags are exactly what dvc.lock recorded.
     runs = {run.data.tags["llmpipe.stage"]: run for run in all_runs(project)}
-    assert set(runs) == {"ingest", "normalize"}
+    assert set(runs) == {"ingest", "normalize", "dedup"}
     for stage, run in runs.items():
         expected = lock_md5s(project, stage)
         assert {k: v for k, v in run.data.tags.items() if k.startswith("md5.")} == expected
@@ -63,11 +63,11 @@ def test_dvc_repro_builds_then_noops_then_reruns_only_what_changed(project: Path
     second = run_cli(project, "dvc", "repro")
     assert time.perf_counter() - started < 5
     assert "Running stage" not in second.stdout
-    assert len(all_runs(project)) == 2  # a no-op logs nothing
+    assert len(all_runs(project)) == 3  # a no-op logs nothing
 
     set_overrides(project / "params.yaml", ["normalize.min_words=40"])
     third = run_cli(project, "dvc", "repro")
-    assert "Running stage 'normalize'" in third.stdout
+    assert "Running stage 'normalize'" in third.stdout and "Running stage 'dedup'" in third.stdout
     assert "Running stage 'ingest'" not in third.stdout
     assert run_cli(project, "dvc", "status").stdout.strip().endswith("Data and pipelines are up to date.")
 
@@ -82,12 +82,16 @@ def test_llmpipe_run_and_dvc_repro_share_one_state(project: Path) -> None:
     quiet = run_cli(project, "llmpipe", "run")
     assert "skipped" in quiet.stdout
     tags = latest_pipeline_run(project).data.tags
-    assert (tags["status.ingest"], tags["status.normalize"]) == ("skipped", "skipped")
+    assert {tags[f"status.{stage}"] for stage in ("ingest", "normalize", "dedup")} == {"skipped"}
 
     run_cli(project, "llmpipe", "run", "-S", "normalize.max_words=50000")
     assert yaml.safe_load((project / "params.yaml").read_text())["normalize"]["max_words"] == 50000
     tags = latest_pipeline_run(project).data.tags
-    assert (tags["status.ingest"], tags["status.normalize"]) == ("skipped", "ran")
+    assert (tags["status.ingest"], tags["status.normalize"], tags["status.dedup"]) == (
+        "skipped",
+        "ran",
+        "ran",
+    )
     after = run_cli(project, "dvc", "repro")
     assert "Running stage" not in after.stdout
 
@@ -99,13 +103,17 @@ def test_prefect_flow_logs_one_parent_and_a_child_per_executed_stage(project: Pa
     from flows.pipeline import pipeline
 
     outcomes = pipeline(root=str(project))
-    assert [(o["stage"], o["status"]) for o in outcomes] == [("ingest", "ran"), ("normalize", "ran")]
+    assert [(o["stage"], o["status"]) for o in outcomes] == [
+        ("ingest", "ran"),
+        ("normalize", "ran"),
+        ("dedup", "ran"),
+    ]
     runs = all_runs(project)
     parents = [run for run in runs if run.data.tags.get("llmpipe.pipeline") == "true"]
     assert len(parents) == 1
     parent = parents[0]
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(run.data.tags["llmpipe.stage"] for run in children) == ["ingest", "normalize"]
+    assert sorted(run.data.tags["llmpipe.stage"] for run in children) == ["dedup", "ingest", "normalize"]
     for child in children:
         stage = child.data.tags["llmpipe.stage"]
         assert {k: v for k, v in child.data.tags.items() if k.startswith("md5.")} == lock_md5s(project, stage)
@@ -115,10 +123,10 @@ def test_prefect_flow_logs_one_parent_and_a_child_per_executed_stage(project: Pa
     assert parent.data.tags["status.ingest"] == "ran"
 
     again = pipeline(root=str(project))
-    assert [o["status"] for o in again] == ["skipped", "skipped"]
+    assert [o["status"] for o in again] == ["skipped", "skipped", "skipped"]
     forced = pipeline(root=str(project), only=["normalize"], force=True)
     assert [(o["stage"], o["status"]) for o in forced] == [("normalize", "ran")]
-    assert len(all_runs(project)) == 3 + 1 + 2  # parent + 2 children; parent only; parent + 1 child
+    assert len(all_runs(project)) == 4 + 1 + 2  # parent + 3 children; parent only; parent + 1 child
 
 
 def test_bad_params_and_missing_inputs_fail_clearly(project: Path) -> None:
