@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.env import configure_environment
-from tasks.layout import project_root
+from tasks.layout import PARAMS_FILE, project_root
 from tasks.params import ParamsError
 
 app = typer.Typer(
@@ -80,10 +80,19 @@ def run(
 ) -> None:
     """Run the pipeline (all stages, or a slice) as a Prefect flow; DVC skips what is up to date."""
     root = _root()
-    from flows.pipeline import pipeline
-    from flows.stages import metrics_summary
+    from flows.stages import declared_stages, metrics_summary, select_stages
+    from tasks.params import apply_overrides, load_params_file
+    from tasks.runner import validate_params
 
     selected = [name for item in only or [] for name in item.split(",") if name]
+    try:  # fail on a bad stage name or override now, before Prefect starts and before params.yaml changes
+        select_stages(declared_stages(root), selected or None, from_stage, to_stage)
+        validate_params(apply_overrides(load_params_file(root / PARAMS_FILE), set_params or []))
+    except ValueError as err:
+        errors.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(3) from None
+    from flows.pipeline import StageInputError, pipeline
+
     try:
         outcomes = pipeline(
             only=selected or None,
@@ -93,7 +102,7 @@ def run(
             overrides=set_params or [],
             root=str(root),
         )
-    except (ParamsError, ValueError) as err:
+    except (ParamsError, StageInputError) as err:
         errors.print(f"[red]error:[/red] {err}")
         raise typer.Exit(3) from None
     except Exception as err:  # a failed stage: Prefect already logged its output
@@ -124,9 +133,16 @@ def status() -> None:
     table = Table(title="llmpipe status")
     for column in ("stage", "state", "why", "last metrics"):
         table.add_column(column)
+    upstream_stale = None
     for name in declared_stages(root):
         if name in stale:
             state, why = "[yellow]stale[/]", "; ".join(stale[name]) or "never run"
+            upstream_stale = upstream_stale or name
+        elif upstream_stale:
+            state, why = (
+                "[yellow]stale[/]",
+                f"upstream {upstream_stale} is stale (reruns if its output changes)",
+            )
         else:
             state, why = "[green]up to date[/]", ""
         table.add_row(name, state, why, metrics_summary(root, name))

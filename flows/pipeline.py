@@ -9,6 +9,7 @@ executes logs a nested child run (see tasks/tracking.py). A stage DVC found up t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from flows.stages import declared_stages, metrics_summary, select_stages, stale_
 from tasks import tracking
 from tasks.layout import PARAMS_FILE, project_root
 from tasks.params import load_params_file, set_overrides
+from tasks.runner import validate_params
 
 #: `llmpipe stage` exits with this code for bad input or bad params: retrying cannot help.
 INPUT_ERROR_EXIT = 3
@@ -73,7 +75,8 @@ def reproduce_stage(stage: str, root: Path, parent_run_id: str, force: bool = Fa
                 logger.info("%s | %s", stage, line)
     seconds = time.perf_counter() - started
     if process.returncode != 0:
-        error = StageInputError if f"exited with {INPUT_ERROR_EXIT}" in "\n".join(tail) else StageFailed
+        input_error = re.search(rf"exited with {INPUT_ERROR_EXIT}\b", "\n".join(tail))
+        error = StageInputError if input_error else StageFailed
         raise error(f"stage {stage!r} failed (dvc exit {process.returncode}):\n" + "\n".join(tail))
 
     run_id = tracking.find_stage_run(root, parent_run_id, stage)
@@ -104,8 +107,8 @@ def pipeline(
 ) -> list[dict[str, Any]]:
     """Run the selected stages in order, after writing `overrides` (`section.key=value`) to params.yaml."""
     project = Path(root).resolve() if root else project_root()
-    set_overrides(project / PARAMS_FILE, overrides or [])
     stages = select_stages(declared_stages(project), only, from_stage, to_stage)
+    set_overrides(project / PARAMS_FILE, overrides or [], validate=validate_params)
     params = load_params_file(project / PARAMS_FILE)
     run_params = {
         "stages": ",".join(stages),

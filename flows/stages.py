@@ -25,6 +25,8 @@ def select_stages(
     for name in [*(only or []), start, end]:
         if name is not None and name not in available:
             raise ValueError(f"unknown stage {name!r}; stages: {', '.join(available)}")
+    if only and (start or end):
+        raise ValueError("--only cannot be combined with --from/--to")
     if only:
         return [stage for stage in available if stage in only]
     first = available.index(start) if start else 0
@@ -63,14 +65,27 @@ def stale_stages(root: Path, stages: list[str] | None = None) -> dict[str, list[
     return stale
 
 
+#: Shown first in summaries: the counts a user checks after every run.
+HEADLINE_METRICS = (
+    "docs_in",
+    "docs_out",
+    "quarantined",
+    "dropped",
+    "exact_duplicates",
+    "near_duplicates",
+    "seconds",
+)
+
+
 def metrics_summary(root: Path, stage: str, limit: int = 6) -> str:
     """The first `limit` headline metrics of a stage's last run (per-reason counters left out)."""
     path = root / METRICS_DIR / f"{stage}.json"
     if not path.exists():
         return ""
-    shown = [
-        f"{key}={value}"
-        for key, value in read_json(path).items()
-        if not key.startswith(("dropped_", "quarantined_")) and isinstance(value, (int, float))
+    metrics = read_json(path)
+    headline = [key for key in HEADLINE_METRICS if key in metrics]
+    others = [
+        key for key in metrics if key not in headline and not key.startswith(("dropped_", "quarantined_"))
     ]
+    shown = [f"{key}={metrics[key]}" for key in headline + others if isinstance(metrics[key], (int, float))]
     return ", ".join(shown[:limit])

@@ -60,12 +60,26 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def clean_stale_temps(final: Path) -> None:
-    """Remove temporaries that a killed run left beside `final` (they are never trusted, only swept)."""
-    if final.parent.is_dir():
-        for stale in final.parent.glob(f".{final.name}.tmp-*"):
-            _remove(stale)
-        for stale in final.parent.glob(f".{final.name}.old-*"):
+    """Remove temporaries that a killed run left beside `final` (never trusted, only swept); those of a
+    run still in progress (its pid is alive) are left alone."""
+    if not final.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for stale in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+                continue
             _remove(stale)
 
 

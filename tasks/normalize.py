@@ -128,7 +128,7 @@ class NormalizeParams:
     cjk_min_fraction: float = 0.3  # a document is "cjk" when Han/kana/Hangul exceed this share of letters
     cjk_chars_per_word: float = 2.0  # CJK characters per "word": scales word counts and n-gram sizes
     batch_size: int = 256  # rows per batch (memory / parallel granularity; output does not depend on it)
-    workers: int = 1  # processes; 0 = all CPUs (output identical whatever the value)
+    workers: int = 0  # processes; 0 = all CPUs (output identical whatever the value)
 
     def validate(self) -> None:
         def fail(key: str, message: str) -> None:

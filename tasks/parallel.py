@@ -9,7 +9,9 @@ Results come back in input order, so outputs are identical whatever the worker c
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -24,6 +26,17 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def _exit_with_parent() -> None:
+    """Worker initializer: on Linux, have the kernel stop this worker if the stage process is killed,
+    so a `kill -9` of a stage never leaves orphaned workers holding memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not Linux/glibc: workers exit when they find their task queue closed
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -41,7 +54,9 @@ def _executor(workers: int, dask_address: str | None) -> Iterator[Executor]:
             with Client(dask_address) as client:
                 yield client.get_executor()
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=_exit_with_parent
+    ) as pool:
         yield pool
 
 

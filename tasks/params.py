@@ -7,9 +7,11 @@ reruns exactly the stages that read it. `set_overrides` implements `-S section.k
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -116,12 +118,45 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw != "" else ""
 
 
-def set_overrides(params_file: Path, assignments: list[str]) -> None:
-    """Write `section.key=value` assignments into params.yaml, keeping its comments and order."""
-    if not assignments:
-        return
+def apply_overrides(params: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """A copy of `params` (as loaded from params.yaml) with the assignments applied."""
+    updated = copy.deepcopy(params)
+    for assignment in assignments:
+        keys, value = parse_override(assignment)
+        node = updated
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                raise ParamsError(f"override {assignment!r}: params.yaml has no section '{key}'")
+            node = node[key]
+        node[keys[-1]] = value
+    return updated
+
+
+def _yaml_writer() -> YAML:
+    """ruamel configured like params.yaml is written: 2-space maps, indented lists, explicit null."""
     ruamel = YAML()
     ruamel.preserve_quotes = True
+    ruamel.indent(mapping=2, sequence=4, offset=2)
+    ruamel.representer.add_representer(
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    return ruamel
+
+
+def set_overrides(
+    params_file: Path,
+    assignments: list[str],
+    validate: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Write `section.key=value` assignments into params.yaml, keeping its comments and order.
+
+    `validate` sees the would-be params first; if it raises, the file is left untouched.
+    """
+    if not assignments:
+        return
+    if validate is not None:
+        validate(apply_overrides(load_params_file(params_file), assignments))
+    ruamel = _yaml_writer()
     with open(params_file, encoding="utf-8") as handle:
         document = ruamel.load(handle)
     for assignment in assignments:

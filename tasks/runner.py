@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from tasks import dedup, ingest, normalize, tracking
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, PARAMS_FILE
-from tasks.params import load_section
+from tasks.params import ParamsError, load_section, parse_section
 
 
 class Stage(NamedTuple):
@@ -44,3 +44,12 @@ def run_stage(name: str, root: Path, track: bool = True) -> dict[str, Any]:
     if track:
         tracking.log_stage(root, tracking.StageLog(name, dataclasses.asdict(params), metrics))
     return metrics
+
+
+def validate_params(params: dict[str, Any]) -> None:
+    """Parse every implemented stage's section of a params.yaml mapping; raise ParamsError if one is bad."""
+    for name, stage in STAGES.items():
+        section = params.get(name)
+        if section is None:
+            raise ParamsError(f"params.yaml: section '{name}' is missing")
+        parse_section(stage.params_class, name, section)

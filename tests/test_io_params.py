@@ -105,12 +105,40 @@ def test_parse_section_accepts_valid_and_names_bad_keys() -> None:
 
 def test_overrides_write_typed_values_and_keep_comments(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text("# top comment\nnormalize:\n  min_words: 50  # Gopher default\n  form: NFKC\n")
+    untouched = "ingest:\n  paths:\n    - corpus/en  # first\n    - corpus/ja\n  encoding: null\n"
+    params.write_text(
+        "# top comment\n" + untouched + "normalize:\n  min_words: 50  # Gopher default\n  form: NFKC\n"
+    )
     set_overrides(params, ["normalize.min_words=20", "normalize.form=NFC"])
     text = params.read_text()
     assert "# top comment" in text and "# Gopher default" in text
     assert "min_words: 20" in text and "form: NFC" in text
+    assert untouched in text  # other sections keep their exact formatting
+
+    def refuse(values: dict) -> None:
+        raise ParamsError(f"normalize.min_words: {values['normalize']['min_words']!r} is not an int")
+
+    with pytest.raises(ParamsError, match="abc"):
+        set_overrides(params, ["normalize.min_words=abc"], validate=refuse)
+    assert params.read_text() == text  # a refused override leaves the file as it was
     with pytest.raises(ParamsError, match="nosuch"):
         set_overrides(params, ["nosuch.key=1"])
     with pytest.raises(ParamsError, match=r"section\.key=value"):
         set_overrides(params, ["min_words"])
+
+
+def test_temporaries_of_a_live_run_are_not_swept(tmp_path: Path) -> None:
+    import subprocess
+
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        live = tmp_path / f".raw.tmp-{alive.pid}"
+        live.mkdir()
+        dead = tmp_path / ".raw.tmp-999999"  # no such process
+        dead.mkdir()
+        with atomic_dir(tmp_path / "raw") as tmp:
+            (tmp / "x").write_text("x")
+        assert live.exists() and not dead.exists()
+    finally:
+        alive.kill()
+        alive.wait()

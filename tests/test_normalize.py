@@ -301,7 +301,7 @@ def test_failure_mid_run_keeps_previous_output(
     corpus: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, _ = corpus
-    normalize.run(NormalizeParams(), root)
+    normalize.run(NormalizeParams(workers=1), root)
     before = {p.name: p.read_bytes() for p in (root / NORMALIZED_DIR).iterdir()}
 
     real = normalize.process_texts
@@ -315,7 +315,7 @@ def test_failure_mid_run_keeps_previous_output(
 
     monkeypatch.setattr(normalize, "process_texts", flaky)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        normalize.run(NormalizeParams(batch_size=2), root)
+        normalize.run(NormalizeParams(batch_size=2, workers=1), root)
     assert {p.name: p.read_bytes() for p in (root / NORMALIZED_DIR).iterdir()} == before
     assert not [p for p in (root / "data").iterdir() if p.name.startswith(".")]
 

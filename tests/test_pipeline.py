@@ -65,10 +65,11 @@ def test_dvc_repro_builds_then_noops_then_reruns_only_what_changed(project: Path
     assert "Running stage" not in second.stdout
     assert len(all_runs(project)) == 3  # a no-op logs nothing
 
-    set_overrides(project / "params.yaml", ["normalize.min_words=40"])
+    set_overrides(project / "params.yaml", ["normalize.min_words=100"])  # drops short documents
     third = run_cli(project, "dvc", "repro")
     assert "Running stage 'normalize'" in third.stdout and "Running stage 'dedup'" in third.stdout
     assert "Running stage 'ingest'" not in third.stdout
+    assert metrics(project, "dedup")["docs_in"] == metrics(project, "normalize")["docs_out"] < 3
     assert run_cli(project, "dvc", "status").stdout.strip().endswith("Data and pipelines are up to date.")
 
 
@@ -84,8 +85,8 @@ def test_llmpipe_run_and_dvc_repro_share_one_state(project: Path) -> None:
     tags = latest_pipeline_run(project).data.tags
     assert {tags[f"status.{stage}"] for stage in ("ingest", "normalize", "dedup")} == {"skipped"}
 
-    run_cli(project, "llmpipe", "run", "-S", "normalize.max_words=50000")
-    assert yaml.safe_load((project / "params.yaml").read_text())["normalize"]["max_words"] == 50000
+    run_cli(project, "llmpipe", "run", "-S", "normalize.min_words=100")
+    assert yaml.safe_load((project / "params.yaml").read_text())["normalize"]["min_words"] == 100
     tags = latest_pipeline_run(project).data.tags
     assert (tags["status.ingest"], tags["status.normalize"], tags["status.dedup"]) == (
         "skipped",
@@ -127,6 +128,18 @@ def test_prefect_flow_logs_one_parent_and_a_child_per_executed_stage(project: Pa
     forced = pipeline(root=str(project), only=["normalize"], force=True)
     assert [(o["stage"], o["status"]) for o in forced] == [("normalize", "ran")]
     assert len(all_runs(project)) == 4 + 1 + 2  # parent + 3 children; parent only; parent + 1 child
+
+
+def test_bad_override_or_stage_is_refused_before_anything_runs(project: Path) -> None:
+    before = (project / "params.yaml").read_text()
+    bad_value = run_cli(project, "llmpipe", "run", "-S", "normalize.min_words=abc", check=False)
+    assert bad_value.returncode == 3 and "normalize.min_words" in bad_value.stderr
+    unknown_key = run_cli(project, "llmpipe", "run", "-S", "dedup.treshold=0.5", check=False)
+    assert unknown_key.returncode == 3 and "dedup.treshold" in unknown_key.stderr
+    bad_stage = run_cli(project, "llmpipe", "run", "--only", "dedupe", check=False)
+    assert bad_stage.returncode == 3 and "dedupe" in bad_stage.stderr
+    assert (project / "params.yaml").read_text() == before  # untouched
+    assert not (project / "data").exists()  # nothing ran
 
 
 def test_bad_params_and_missing_inputs_fail_clearly(project: Path) -> None:
