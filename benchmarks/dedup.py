@@ -418,14 +418,15 @@ def main() -> int:
         )
         console.print(table)
         console.print(
-            "  peak RSS = ru_maxrss: RUSAGE_SELF of a fresh process running only the stage, RUSAGE_CHILDREN = "
-            "its largest worker.\n  RSS growth = main-process peak minus its RSS after imports (matplotlib "
-            "included), before run().\n  est. GB / 1M docs (column) = growth / docs × 10⁶: an upper bound, it "
-            "charges fixed overhead (Arrow buffers, allocator) to documents."
+            "  peak RSS = ru_maxrss: RUSAGE_SELF of a fresh process running only the stage, "
+            "RUSAGE_CHILDREN = its largest worker.\n  RSS growth = main-process peak minus its RSS after "
+            "imports (matplotlib included), before run().\n  est. GB / 1M docs (column) = growth / docs "
+            "× 10⁶: an upper bound, it charges fixed overhead (Arrow buffers, allocator) to documents."
         )
         console.print(
-            f"  marginal memory: (growth at {len(texts)} docs − growth at {half} docs) / {len(texts) - half} = "
-            f"{slope_kb * 1024:,.0f} bytes/doc → ≈ {slope_kb * 1e6 / 2**20:.2f} GB per million documents "
+            f"  marginal memory: (growth at {len(texts)} docs − growth at {half} docs) / "
+            f"{len(texts) - half} = {slope_kb * 1024:,.0f} bytes/doc → "
+            f"≈ {slope_kb * 1e6 / 2**20:.2f} GB per million documents "
             "(per-document lists in the main process + candidates' shingle sets; band keys stay on disk)."
         )
         if len(runs) > 1:

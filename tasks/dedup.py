@@ -141,17 +141,24 @@ class BatchSignatures:
 def sign_batch(texts: list[str], scripts: list[str | None], config: ShingleConfig) -> BatchSignatures:
     """Hashing-normalize, shingle and MinHash one batch (runs in a worker process)."""
     hasher = minhash.minhasher(config.num_perm, config.seed)
-    keys, signatures, has_shingles = [], np.empty((len(texts), config.num_perm), np.uint32), []
-    for i, (text, script) in enumerate(zip(texts, scripts, strict=True)):
-        normalized = minhash.hashing_normalize(text)
-        keys.append(minhash.exact_key(normalized))
-        shingles = minhash.shingle_hashes(
-            normalized, config.mode(script), config.word_ngram, config.char_ngram
-        )
-        signatures[i] = hasher.signature(shingles)
-        has_shingles.append(len(shingles) > 0)
+    normalized = [minhash.hashing_normalize(text) for text in texts]
+    modes = [config.mode(script) for script in scripts]
+    words = [i for i, mode in enumerate(modes) if mode == "word"]
+    shingles: list[np.ndarray] = [np.empty(0, np.uint64)] * len(texts)
+    for i, values in zip(
+        words, minhash.word_shingles([normalized[i] for i in words], config.word_ngram), strict=True
+    ):
+        shingles[i] = values
+    for i, mode in enumerate(modes):
+        if mode != "word":
+            shingles[i] = minhash.shingle_hashes(normalized[i], mode, config.word_ngram, config.char_ngram)
+    signatures = np.empty((len(texts), config.num_perm), np.uint32)
+    for i, values in enumerate(shingles):
+        signatures[i] = hasher.signature(values)
     return BatchSignatures(
-        keys, minhash.band_hashes(signatures, config.bands, config.rows), np.array(has_shingles, bool)
+        [minhash.exact_key(text) for text in normalized],
+        minhash.band_hashes(signatures, config.bands, config.rows),
+        np.fromiter((len(values) > 0 for values in shingles), bool, len(texts)),
     )
 
 
@@ -162,7 +169,8 @@ def sign_batch(texts: list[str], scripts: list[str | None], config: ShingleConfi
 
 @dataclass
 class Corpus:
-    """Per-document facts kept in memory (≈100 bytes/doc); everything bigger stays on disk."""
+    """Per-document facts kept in memory (id, source, length, exact key; a few hundred bytes per document);
+    signatures and band keys stay on disk."""
 
     ids: list[str]
     sources: list[str]
@@ -171,8 +179,11 @@ class Corpus:
     exact_keys: list[bytes]
 
     def priority(self) -> np.ndarray:
-        """rank[doc]: 0 = best survivor (longest text, then smallest id)."""
-        order = sorted(range(len(self.ids)), key=lambda i: (-int(self.lengths[i]), self.ids[i]))
+        """rank[doc]: 0 = best survivor (longest text, then smallest id, then source: rows tied on all
+        three are identical, so input order never decides)."""
+        order = sorted(
+            range(len(self.ids)), key=lambda i: (-int(self.lengths[i]), self.ids[i], self.sources[i])
+        )
         rank = np.empty(len(order), dtype=np.int64)
         rank[order] = np.arange(len(order))
         return rank
@@ -448,7 +459,17 @@ def run(params: DedupParams, root: Path) -> dict[str, int | float]:
     verified = similarity >= params.threshold
     decisions = _decide(pairs[verified], similarity[verified], rank)
     for doc, survivor in exact.items():
-        decisions.survivor[doc], decisions.jaccard[doc], decisions.kind[doc] = survivor, 1.0, "exact"
+        # An exact copy has the same shingles as its exact survivor; if that one was removed as a near
+        # duplicate, point at the document it was kept in favour of (same Jaccard).
+        final, similarity_to_final = (
+            decisions.survivor.get(survivor, survivor),
+            decisions.jaccard.get(survivor, 1.0),
+        )
+        decisions.survivor[doc], decisions.jaccard[doc], decisions.kind[doc] = (
+            final,
+            similarity_to_final,
+            "exact",
+        )
 
     docs_out = _write_outputs(root, source_dir, corpus, decisions, params.batch_size)
     _write_plots(root, similarity, params.threshold, params.bands, params.rows)

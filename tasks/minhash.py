@@ -11,7 +11,7 @@ are verified with the exact `jaccard` of their shingle sets.
 from __future__ import annotations
 
 import functools
-import re
+import string
 import unicodedata
 
 import numpy as np
@@ -21,20 +21,26 @@ from datasketch import MinHash
 
 _PUNCT_OR_SYMBOL = regex.compile(r"[\p{P}\p{S}]+")
 _DIGIT = regex.compile(r"\p{Nd}")
-_SPACE = re.compile(r"\s+")
+_COMBINING_MARKS = regex.compile(r"\p{Mn}+")
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier combining the n token hashes of an n-gram
-_UINT32_MASK = np.uint64(0xFFFFFFFF)
 EMPTY_SIGNATURE_VALUE = np.uint32(0xFFFFFFFF)  # datasketch's value for a MinHash that saw nothing
+
+
+#: ASCII fast path of `hashing_normalize`: punctuation/symbols → space, digits → 0 in one C-level pass.
+_ASCII_TABLE = str.maketrans(
+    {**{ch: " " for ch in string.punctuation}, **{digit: "0" for digit in string.digits}}
+)
 
 
 def hashing_normalize(text: str) -> str:
     """Lowercase, strip accents (NFD + drop combining marks), punctuation/symbols → space, digits → 0,
     whitespace collapsed: copies differing only in these ways hash identically."""
-    decomposed = unicodedata.normalize("NFD", text)
-    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    if text.isascii():  # most English text: no accents to strip, and str.translate beats regex
+        return " ".join(text.lower().translate(_ASCII_TABLE).split())
+    stripped = _COMBINING_MARKS.sub("", unicodedata.normalize("NFD", text))
     lowered = _DIGIT.sub("0", _PUNCT_OR_SYMBOL.sub(" ", stripped.lower()))
-    return _SPACE.sub(" ", lowered).strip()
+    return " ".join(lowered.split())
 
 
 def exact_key(normalized: str) -> bytes:
@@ -63,6 +69,38 @@ def _ngram_hashes(token_hashes: np.ndarray, n: int) -> np.ndarray:
     return _fmix64(combined)
 
 
+#: word → 64-bit hash, shared by all batches of a process (word frequencies are Zipfian, so most
+#: lookups hit); emptied when it grows past _TOKEN_CACHE_LIMIT entries to bound memory.
+_TOKEN_CACHE: dict[str, int] = {}
+_TOKEN_CACHE_LIMIT = 1 << 20
+
+
+def _token_hashes(tokens: list[str]) -> np.ndarray:
+    """uint64 xxh3 hash of each token, hashing each distinct new word once."""
+    if len(_TOKEN_CACHE) > _TOKEN_CACHE_LIMIT:
+        _TOKEN_CACHE.clear()
+    for token in set(tokens).difference(_TOKEN_CACHE):
+        _TOKEN_CACHE[token] = xxhash.xxh3_64_intdigest(token.encode("utf-8"))
+    return np.fromiter(map(_TOKEN_CACHE.__getitem__, tokens), np.uint64, len(tokens))
+
+
+def word_shingles(normalized_texts: list[str], n: int = 5) -> list[np.ndarray]:
+    """Word n-gram hashes of each text, computed for the whole batch at once (one hashing pass over
+    all tokens, one vectorized n-gram pass); a text shorter than n words is a single shingle."""
+    token_lists = [text.split() for text in normalized_texts]
+    lengths = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
+    hashes = _token_hashes([token for tokens in token_lists for token in tokens])
+    starts = np.cumsum(lengths) - lengths
+    grams = _ngram_hashes(hashes, n) if len(hashes) >= n else np.empty(0, np.uint64)
+    shingles = []
+    for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+        if length >= n:
+            shingles.append(grams[start : start + length - n + 1])
+        else:  # shorter than one n-gram: the whole text is its only shingle (none if empty)
+            shingles.append(_ngram_hashes(hashes[start : start + length], n))
+    return shingles
+
+
 def shingle_hashes(normalized: str, mode: str, word_ngram: int = 5, char_ngram: int = 5) -> np.ndarray:
     """64-bit hashes of the document's shingles (with repeats), from hashing-normalized text.
 
@@ -70,11 +108,7 @@ def shingle_hashes(normalized: str, mode: str, word_ngram: int = 5, char_ngram: 
     text with spaces removed (CJK, where words are not separated by spaces).
     """
     if mode == "word":
-        tokens = normalized.split()
-        token_hashes = np.fromiter(
-            (xxhash.xxh3_64_intdigest(token.encode("utf-8")) for token in tokens), np.uint64, len(tokens)
-        )
-        return _ngram_hashes(token_hashes, word_ngram)
+        return word_shingles([normalized], word_ngram)[0]
     if mode == "char":
         code_points = np.frombuffer(normalized.replace(" ", "").encode("utf-32-le"), dtype=np.uint32)
         return _ngram_hashes(_fmix64(code_points.astype(np.uint64)), char_ngram)
@@ -98,13 +132,19 @@ class MinHasher:
         self.num_perm, self.seed = num_perm, seed
         self._a = np.asarray(a, dtype=np.uint32)
         self._b = np.asarray(b, dtype=np.uint32)
+        self._scratch = np.empty((0, num_perm), dtype=np.uint32)
 
     def signature(self, shingles: np.ndarray) -> np.ndarray:
         """uint32[num_perm]; the low 32 bits of each shingle hash are what datasketch would hash."""
         if len(shingles) == 0:
             return np.full(self.num_perm, EMPTY_SIGNATURE_VALUE, dtype=np.uint32)
-        mixed = _fmix32((shingles & _UINT32_MASK).astype(np.uint32))
-        return (mixed[:, None] * self._a + self._b).min(axis=0)
+        mixed = _fmix32(shingles.astype(np.uint32))  # astype keeps the low 32 bits
+        if len(mixed) > len(self._scratch):  # one reusable (shingles × permutations) buffer
+            self._scratch = np.empty((len(mixed), self.num_perm), dtype=np.uint32)
+        permuted = self._scratch[: len(mixed)]
+        np.multiply(mixed[:, None], self._a, out=permuted)
+        np.add(permuted, self._b, out=permuted)
+        return permuted.min(axis=0)
 
     def lean_minhash(self, signature: np.ndarray):
         """The signature as a datasketch `LeanMinHash`, e.g. to query a `MinHashLSH` index."""
