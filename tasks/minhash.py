@@ -15,6 +15,8 @@ import string
 import unicodedata
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import regex
 import xxhash
 from datasketch import MinHash
@@ -76,7 +78,7 @@ _TOKEN_CACHE_LIMIT = 1 << 20
 
 
 def _token_hashes(tokens: list[str]) -> np.ndarray:
-    """uint64 xxh3 hash of each token, hashing each distinct new word once."""
+    """uint64 xxh3 hash of each (distinct) token, hashing each word once per process."""
     if len(_TOKEN_CACHE) > _TOKEN_CACHE_LIMIT:
         _TOKEN_CACHE.clear()
     for token in set(tokens).difference(_TOKEN_CACHE):
@@ -85,19 +87,23 @@ def _token_hashes(tokens: list[str]) -> np.ndarray:
 
 
 def word_shingles(normalized_texts: list[str], n: int = 5) -> list[np.ndarray]:
-    """Word n-gram hashes of each text, computed for the whole batch at once (one hashing pass over
-    all tokens, one vectorized n-gram pass); a text shorter than n words is a single shingle."""
-    token_lists = [text.split() for text in normalized_texts]
-    lengths = np.fromiter(map(len, token_lists), np.int64, len(token_lists))
-    hashes = _token_hashes([token for tokens in token_lists for token in tokens])
-    starts = np.cumsum(lengths) - lengths
+    """Word n-gram hashes of each text, for a whole batch at once: Arrow splits and dictionary-encodes
+    all tokens in C++, each distinct word is hashed once, one vectorized pass builds every n-gram. A
+    text shorter than n words is a single shingle; an empty text has none."""
+    shingles = [np.empty(0, np.uint64)] * len(normalized_texts)
+    present = [i for i, text in enumerate(normalized_texts) if text]
+    if not present:
+        return shingles
+    tokens = pc.split_pattern(pa.array([normalized_texts[i] for i in present], pa.large_string()), " ")
+    encoded = pc.dictionary_encode(tokens.flatten())
+    hashes = _token_hashes(encoded.dictionary.to_pylist())[encoded.indices.to_numpy()]
+    offsets = tokens.offsets.to_numpy()
     grams = _ngram_hashes(hashes, n) if len(hashes) >= n else np.empty(0, np.uint64)
-    shingles = []
-    for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-        if length >= n:
-            shingles.append(grams[start : start + length - n + 1])
-        else:  # shorter than one n-gram: the whole text is its only shingle (none if empty)
-            shingles.append(_ngram_hashes(hashes[start : start + length], n))
+    for i, start, end in zip(present, offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
+        if end - start >= n:
+            shingles[i] = grams[start : end - n + 1]
+        else:  # shorter than one n-gram: the whole text is its only shingle
+            shingles[i] = _ngram_hashes(hashes[start:end], n)
     return shingles
 
 
