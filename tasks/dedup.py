@@ -18,7 +18,8 @@ Decisions depend only on ids and texts, never on shard order or worker count.
 from __future__ import annotations
 
 import csv
-import tempfile
+import os
+import shutil
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterator
@@ -443,18 +444,21 @@ def run(params: DedupParams, root: Path) -> dict[str, int | float]:
         params.bands,
         params.rows,
     )
-    scratch_root = state_dir(root) / "tmp"
-    clean_stale_temps(scratch_root / "dedup-bands")
-    scratch_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".dedup-bands.tmp-", dir=scratch_root) as scratch:
+    # Band keys live in a scratch folder named after this process, swept by a later run if we are killed.
+    scratch = state_dir(root) / "tmp" / f".dedup-bands.tmp-{os.getpid()}"
+    clean_stale_temps(scratch.parent / "dedup-bands")
+    scratch.mkdir(parents=True)
+    try:
         signing = time.perf_counter()
-        corpus = _signature_pass(source_dir, Path(scratch), params, config)
+        corpus = _signature_pass(source_dir, scratch, params, config)
         signing = time.perf_counter() - signing
         rank = corpus.priority()
         exact = _exact_duplicates(corpus, rank)
         alive = corpus.has_shingles.copy()
         alive[list(exact)] = False
-        pairs = _candidate_pairs(Path(scratch), alive, rank, params)
+        pairs = _candidate_pairs(scratch, alive, rank, params)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     similarity = _pair_similarities(source_dir, pairs, params, config) if len(pairs) else np.zeros(0)
     verified = similarity >= params.threshold
     decisions = _decide(pairs[verified], similarity[verified], rank)

@@ -139,7 +139,7 @@ def test_bad_override_or_stage_is_refused_before_anything_runs(project: Path) ->
     bad_stage = run_cli(project, "llmpipe", "run", "--only", "dedupe", check=False)
     assert bad_stage.returncode == 3 and "dedupe" in bad_stage.stderr
     assert (project / "params.yaml").read_text() == before  # untouched
-    assert not (project / "data").exists()  # nothing ran
+    assert not (project / "data" / "raw").exists()  # nothing ran
 
 
 def test_bad_params_and_missing_inputs_fail_clearly(project: Path) -> None:
