@@ -124,10 +124,19 @@ class ShingleConfig:
             return self.shingle
         return "char" if script == "cjk" else "word"
 
-    def shingles(self, text: str, script: str | None) -> np.ndarray:
-        return minhash.shingle_hashes(
-            minhash.hashing_normalize(text), self.mode(script), self.word_ngram, self.char_ngram
-        )
+    def shingles(self, normalized: list[str], scripts: list[str | None]) -> list[np.ndarray]:
+        """Shingle hashes of hashing-normalized texts: word n-grams for the whole batch in one pass,
+        character n-grams text by text."""
+        modes = [self.mode(script) for script in scripts]
+        words = [i for i, mode in enumerate(modes) if mode == "word"]
+        shingles = [np.empty(0, np.uint64)] * len(normalized)
+        word_shingles = minhash.word_shingles([normalized[i] for i in words], self.word_ngram)
+        for i, values in zip(words, word_shingles, strict=True):
+            shingles[i] = values
+        for i, mode in enumerate(modes):
+            if mode != "word":
+                shingles[i] = minhash.shingle_hashes(normalized[i], mode, self.word_ngram, self.char_ngram)
+        return shingles
 
 
 @dataclass
@@ -143,16 +152,7 @@ def sign_batch(texts: list[str], scripts: list[str | None], config: ShingleConfi
     """Hashing-normalize, shingle and MinHash one batch (runs in a worker process)."""
     hasher = minhash.minhasher(config.num_perm, config.seed)
     normalized = [minhash.hashing_normalize(text) for text in texts]
-    modes = [config.mode(script) for script in scripts]
-    words = [i for i, mode in enumerate(modes) if mode == "word"]
-    shingles: list[np.ndarray] = [np.empty(0, np.uint64)] * len(texts)
-    for i, values in zip(
-        words, minhash.word_shingles([normalized[i] for i in words], config.word_ngram), strict=True
-    ):
-        shingles[i] = values
-    for i, mode in enumerate(modes):
-        if mode != "word":
-            shingles[i] = minhash.shingle_hashes(normalized[i], mode, config.word_ngram, config.char_ngram)
+    shingles = config.shingles(normalized, scripts)
     signatures = np.empty((len(texts), config.num_perm), np.uint32)
     for i, values in enumerate(shingles):
         signatures[i] = hasher.signature(values)
@@ -289,14 +289,15 @@ def _pair_similarities(
     """Jaccard of each candidate pair: exact over shingle sets, or the MinHash estimate."""
     wanted = set(np.unique(pairs).tolist())
     shingles: dict[int, np.ndarray] = {}
-    doc = 0
+    first = 0
     for batch in iter_batches(source_dir, columns=["text", "script"], batch_size=params.batch_size):
-        for text, script in zip(
-            batch.column("text").to_pylist(), batch.column("script").to_pylist(), strict=True
-        ):
-            if doc in wanted:
-                shingles[doc] = np.unique(config.shingles(text, script))
-            doc += 1
+        picked = [offset for offset in range(batch.num_rows) if first + offset in wanted]
+        if picked:
+            texts, scripts = batch.column("text").to_pylist(), batch.column("script").to_pylist()
+            normalized = [minhash.hashing_normalize(texts[offset]) for offset in picked]
+            values = config.shingles(normalized, [scripts[offset] for offset in picked])
+            shingles.update({first + offset: np.unique(v) for offset, v in zip(picked, values, strict=True)})
+        first += batch.num_rows
     if params.verify:
         return np.array([minhash.jaccard(shingles[a], shingles[b]) for a, b in pairs], dtype=np.float64)
     hasher = minhash.minhasher(params.num_perm, params.seed)
