@@ -354,28 +354,36 @@ def _read_txt(f: SourceFile) -> Iterator[Doc | Bad]:
         para, para_chars, gap = [], 0, []
 
     with _text_stream(f) as stream:
-        for number, line in enumerate(stream, 1):
-            if _ESCAPED.search(line):
-                # A line that does not decode ends the document: the text on each side stays intact.
-                yield from end_paragraph()
-                if (record := emit()) is not None:
-                    yield record
-                gap = []
-                yield f._undecodable(f"{f.rel}:line {number}", line)
-            elif not line.strip():
-                yield from end_paragraph()
-                if chunk:
-                    gap.append(line)
-            else:
-                if not para:
-                    para_start = number
-                para.append(line)
-                para_chars += len(line)
-                para_end = number
-                if limit and para_chars >= limit:
+        try:
+            for number, line in enumerate(stream, 1):
+                if _ESCAPED.search(line):
+                    # A line that does not decode ends the document: the text on each side stays intact.
                     yield from end_paragraph()
                     if (record := emit()) is not None:
                         yield record
+                    gap = []
+                    yield f._undecodable(f"{f.rel}:line {number}", line)
+                elif not line.strip():
+                    yield from end_paragraph()
+                    if chunk:
+                        gap.append(line)
+                else:
+                    if not para:
+                        para_start = number
+                    para.append(line)
+                    para_chars += len(line)
+                    para_end = number
+                    if limit and para_chars >= limit:
+                        yield from end_paragraph()
+                        if (record := emit()) is not None:
+                            yield record
+        except _READ_ERRORS:
+            # Damaged past this point (e.g. a truncated .gz): keep the text read so far, then let the
+            # caller quarantine the rest of the file.
+            yield from end_paragraph()
+            if (record := emit()) is not None:
+                yield record
+            raise
     yield from end_paragraph()
     if (record := emit()) is not None:
         yield record
