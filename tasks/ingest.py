@@ -118,13 +118,25 @@ class _FileReport:
 
 
 def _walk(directory: Path, excluded: set[str]) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(directory):
+    """Files below `directory`, following symlinked folders (each real folder once, so a link loop
+    ends). A folder that cannot be listed is yielded itself, so the reader quarantines it: nothing is
+    skipped silently."""
+    unlistable: list[OSError] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=unlistable.append, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames[:] = sorted(
             d for d in dirnames if not d.startswith(".") and os.path.join(dirpath, d) not in excluded
         )
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield Path(dirpath, name)
+    for error in unlistable:
+        yield Path(error.filename)
 
 
 def resolve_inputs(paths: list[str], root: Path) -> list[tuple[Path, str]]:

@@ -145,6 +145,9 @@ class SourceFile:
 
     def _read(self) -> Iterator[Doc | Bad]:
         """Detect the format and encoding, then hand the file to its format's reader."""
+        if self.path.is_dir():  # a folder the directory walk could not list
+            yield Bad(self.rel, "unreadable_file: directory could not be listed (permissions?)", b"")
+            return
         self.compression, fmt, ext = _detect_format(self.path)
         self.size = self.path.stat().st_size
         if fmt is None:

@@ -437,3 +437,15 @@ def test_truncated_gzip_text_keeps_everything_before_the_damage(tmp_path: Path) 
     # Every paragraph the damaged stream still yielded in full is a document, not lost with the error.
     assert kept.count("Paragraph ") >= 300
     assert kept.startswith(paragraphs[0])
+
+
+def test_symlinked_folders_are_followed_and_link_loops_end(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    write(outside / "linked.txt", "text reached through a symlinked folder\n")
+    (tmp_path / "corpus").mkdir()
+    write(tmp_path / "corpus" / "local.txt", "a local document\n")
+    (tmp_path / "corpus" / "link").symlink_to(outside, target_is_directory=True)
+    (outside / "loop").symlink_to(tmp_path / "corpus", target_is_directory=True)  # corpus → link → loop
+    run(IngestParams(paths=["corpus"]), root=tmp_path)
+    texts = sorted(doc["text"] for doc in docs(tmp_path))
+    assert texts == ["a local document", "text reached through a symlinked folder"]
