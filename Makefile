@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest_normalize.py
+	$(BIN)/python benchmarks/dedup.py
 
 clean:
 	rm -rf data reports plots metrics dvc.lock .llmpipe
