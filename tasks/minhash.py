@@ -50,13 +50,23 @@ def exact_key(normalized: str) -> bytes:
     return xxhash.xxh3_128_digest(normalized.encode("utf-8"))
 
 
-def _fmix64(values: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finalizer: spreads the combined n-gram value over all 64 bits."""
-    values = values ^ (values >> np.uint64(33))
-    values = values * np.uint64(0xFF51AFD7ED558CCD)
-    values = values ^ (values >> np.uint64(33))
-    values = values * np.uint64(0xC4CEB9FE1A85EC53)
-    return values ^ (values >> np.uint64(33))
+#: MurmurHash3's finalizer constants per width: (shift, multiplier, shift, multiplier, shift).
+_FMIX_CONSTANTS = {
+    np.uint64: (33, 0xFF51AFD7ED558CCD, 33, 0xC4CEB9FE1A85EC53, 33),
+    np.uint32: (16, 0x85EBCA6B, 13, 0xC2B2AE35, 16),
+}
+
+
+def _fmix(values: np.ndarray) -> np.ndarray:
+    """MurmurHash3's finalizer for the array's width (uint64 or uint32), a bijection that spreads bits;
+    the 32-bit one is exactly datasketch's pre-mix in its affine32 scheme."""
+    kind = values.dtype.type
+    shift1, multiplier1, shift2, multiplier2, shift3 = (kind(c) for c in _FMIX_CONSTANTS[kind])
+    values = values ^ (values >> shift1)
+    values = values * multiplier1
+    values = values ^ (values >> shift2)
+    values = values * multiplier2
+    return values ^ (values >> shift3)
 
 
 def _ngram_hashes(token_hashes: np.ndarray, n: int) -> np.ndarray:
@@ -68,7 +78,7 @@ def _ngram_hashes(token_hashes: np.ndarray, n: int) -> np.ndarray:
     combined = token_hashes[:count].copy()
     for offset in range(1, n):
         combined = combined * _MIX + token_hashes[offset : offset + count]
-    return _fmix64(combined)
+    return _fmix(combined)
 
 
 #: word → 64-bit hash, shared by all batches of a process (word frequencies are Zipfian, so most
@@ -117,17 +127,8 @@ def shingle_hashes(normalized: str, mode: str, word_ngram: int = 5, char_ngram: 
         return word_shingles([normalized], word_ngram)[0]
     if mode == "char":
         code_points = np.frombuffer(normalized.replace(" ", "").encode("utf-32-le"), dtype=np.uint32)
-        return _ngram_hashes(_fmix64(code_points.astype(np.uint64)), char_ngram)
+        return _ngram_hashes(_fmix(code_points.astype(np.uint64)), char_ngram)
     raise ValueError(f"unknown shingle mode {mode!r} (expected 'word' or 'char')")
-
-
-def _fmix32(values: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finalizer, exactly as datasketch pre-mixes hashes in its affine32 scheme."""
-    values = values ^ (values >> np.uint32(16))
-    values = values * np.uint32(0x85EBCA6B)
-    values = values ^ (values >> np.uint32(13))
-    values = values * np.uint32(0xC2B2AE35)
-    return values ^ (values >> np.uint32(16))
 
 
 class MinHasher:
@@ -144,7 +145,7 @@ class MinHasher:
         """uint32[num_perm]; the low 32 bits of each shingle hash are what datasketch would hash."""
         if len(shingles) == 0:
             return np.full(self.num_perm, EMPTY_SIGNATURE_VALUE, dtype=np.uint32)
-        mixed = _fmix32(shingles.astype(np.uint32))  # astype keeps the low 32 bits
+        mixed = _fmix(shingles.astype(np.uint32))  # astype keeps the low 32 bits
         if len(mixed) > len(self._scratch):  # one reusable (shingles × permutations) buffer
             self._scratch = np.empty((len(mixed), self.num_perm), dtype=np.uint32)
         permuted = self._scratch[: len(mixed)]
@@ -171,7 +172,7 @@ def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     keys = grouped[:, :, 0].copy()
     for row in range(1, rows):
         keys = keys * _MIX + grouped[:, :, row]
-    return _fmix64(keys)
+    return _fmix(keys)
 
 
 def candidate_probability(jaccard: np.ndarray | float, bands: int, rows: int) -> np.ndarray | float:
