@@ -10,11 +10,24 @@ import os
 from pathlib import Path
 
 #: Stages in pipeline order. dvc.yaml declares the ones implemented so far.
-PIPELINE_STAGES = ("ingest", "normalize", "dedup", "tokenizer", "plan", "pretrain", "finetune", "evaluate")
+PIPELINE_STAGES = (
+    "ingest",
+    "normalize",
+    "dedup",
+    "tokenizer",
+    "tokenize",
+    "plan",
+    "pretrain",
+    "finetune",
+    "evaluate",
+)
 
 RAW_DIR = Path("data/raw")
 NORMALIZED_DIR = Path("data/normalized")
 DEDUP_DIR = Path("data/dedup")
+TOKENS_DIR = Path("data/tokens")
+TOKENIZER_DIR = Path("models/tokenizer")
+TOKENIZER_FILE = TOKENIZER_DIR / "tokenizer.json"
 QUARANTINE_DIR = Path("data/quarantine")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tasks import dedup, ingest, normalize, tracking
+from tasks import dedup, ingest, normalize, tokenize, tokenizer, tracking
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, PARAMS_FILE
 from tasks.params import ParamsError, load_section, parse_section
@@ -30,6 +30,10 @@ STAGES: dict[str, Stage] = {
         normalize.NormalizeParams, normalize.run, "Unicode/whitespace clean-up and Gopher quality filters"
     ),
     "dedup": Stage(dedup.DedupParams, dedup.run, "exact + MinHash/LSH near-duplicate removal, verified"),
+    "tokenizer": Stage(
+        tokenizer.TokenizerParams, tokenizer.run, "train a byte-level BPE; compare tokenizer families"
+    ),
+    "tokenize": Stage(tokenize.TokenizeParams, tokenize.run, "encode train/val splits into token shards"),
 }
 
 
