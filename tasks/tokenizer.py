@@ -216,16 +216,6 @@ def text_batches(
             yield out
 
 
-def _capped(batches: Iterator[list[str]], max_chars: int) -> Iterator[list[str]]:
-    """The first batches of `batches` holding at most about `max_chars` characters."""
-    total = 0
-    for batch in batches:
-        if total >= max_chars:
-            return
-        total += sum(map(len, batch))
-        yield batch
-
-
 def collect_holdout(directory: Path, p: TokenizerParams) -> list[str]:
     """The holdout documents' texts (cut to max_doc_chars), at most `compare_max_holdout_chars` in all."""
     kept: list[str] = []
@@ -244,8 +234,13 @@ def _holdout_filter(p: TokenizerParams) -> Callable[[str], bool]:
     return lambda doc_id: in_holdout(doc_id, p.seed, p.compare_holdout_fraction)
 
 
-def _train_filter(p: TokenizerParams) -> Callable[[str], bool]:
-    return lambda doc_id: not in_holdout(doc_id, p.seed, p.compare_holdout_fraction)
+def _train_filter(p: TokenizerParams, total_chars: int) -> Callable[[str], bool]:
+    """Non-holdout documents, sampled (by an independent hash) down to about `compare_max_train_chars`,
+    evenly across the whole corpus rather than its first files."""
+    sample = min(1.0, p.compare_max_train_chars / max(total_chars, 1))
+    return lambda doc_id: (
+        not in_holdout(doc_id, p.seed, p.compare_holdout_fraction) and in_holdout(doc_id, p.seed + 1, sample)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,24 +382,26 @@ def _hf_measure(tok: Tokenizer, unk: str | None, holdout: list[str]) -> dict[str
 
 
 def compare_families(
-    directory: Path, p: TokenizerParams, holdout: list[str]
+    directory: Path, p: TokenizerParams, holdout: list[str], total_chars: int
 ) -> tuple[list[dict[str, Any]], dict[str, list[list[str]]]]:
-    """Train every family on the non-holdout documents; rows of the comparison table + example tokens."""
+    """Train every family on (a sample of) the non-holdout documents; rows of the comparison table +
+    example tokens."""
     rows: list[dict[str, Any]] = []
     examples: dict[str, list[list[str]]] = {}
     for family in FAMILIES:
         start = time.perf_counter()
         if family == "char":
             char = CharTokenizer(list(p.special_tokens))
-            char.train(_capped(text_batches(directory, p, keep=_train_filter(p)), p.compare_max_train_chars))
+            char.train(text_batches(directory, p, keep=_train_filter(p, total_chars)))
             seconds = time.perf_counter() - start
             metrics = measure(char.encode_batch, char.decode, char.unk_id, holdout)
             vocab = char.get_vocab_size()
             examples[family] = [char.tokens(s) for s in EXAMPLE_SENTENCES]
         else:
             tok, trainer, unk = _family_tokenizer(family, p)
-            training = _capped(text_batches(directory, p, keep=_train_filter(p)), p.compare_max_train_chars)
-            tok.train_from_iterator(training, trainer=trainer)
+            tok.train_from_iterator(
+                text_batches(directory, p, keep=_train_filter(p, total_chars)), trainer=trainer
+            )
             seconds = time.perf_counter() - start
             _safe(tok)
             metrics = _hf_measure(tok, unk, holdout)
@@ -551,7 +548,7 @@ def run(params: TokenizerParams, root: Path) -> dict[str, int | float]:
         "holdout_bytes_per_token": main["bytes_per_token"],
     }
     if params.compare:
-        rows, examples = compare_families(source, params, holdout)
+        rows, examples = compare_families(source, params, holdout, stats.chars)
         _write_comparison(root, rows, examples)
         for row in rows:
             for key in COMPARISON_COLUMNS[1:]:
