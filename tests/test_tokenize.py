@@ -13,18 +13,10 @@ import pytest
 
 from model.data import BatchCursor, TokenShards
 from tasks.io import content_id
+from tasks.normalize import NORMALIZED_SCHEMA as SCHEMA
 from tasks.params import ParamsError
 from tasks.tokenize import EOS_TOKEN, TOKENIZER_FILE, TOKENS_DIR, TokenizeParams, run, split_fraction
 
-SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("text", pa.large_string()),
-        ("source", pa.string()),
-        ("bytes", pa.int64()),
-        ("script", pa.string()),
-    ]
-)
 WORDS = [
     "the",
     "harbour",

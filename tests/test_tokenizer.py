@@ -13,21 +13,13 @@ import pytest
 
 from tasks.io import content_id
 from tasks.layout import TOKENIZER_DIR, TOKENIZER_FILE
+from tasks.normalize import NORMALIZED_SCHEMA as SCHEMA
 from tasks.params import ParamsError
 from tasks.tokenizer import EOS_TOKEN, FAMILIES, TokenizerParams, load_tokenizer, run
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "corpus" / "en" / "shakespeare"
 
-SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("text", pa.large_string()),
-        ("source", pa.string()),
-        ("bytes", pa.int64()),
-        ("script", pa.string()),
-    ]
-)
 
 JAPANESE = [
     "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
