@@ -118,17 +118,22 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw != "" else ""
 
 
+def _assign(params: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` to a params mapping (plain dict or ruamel's commented map)."""
+    keys, value = parse_override(assignment)
+    node = params
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise ParamsError(f"override {assignment!r}: params.yaml has no section '{key}'")
+        node = node[key]
+    node[keys[-1]] = value
+
+
 def apply_overrides(params: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
     """A copy of `params` (as loaded from params.yaml) with the assignments applied."""
     updated = copy.deepcopy(params)
     for assignment in assignments:
-        keys, value = parse_override(assignment)
-        node = updated
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                raise ParamsError(f"override {assignment!r}: params.yaml has no section '{key}'")
-            node = node[key]
-        node[keys[-1]] = value
+        _assign(updated, assignment)
     return updated
 
 
@@ -160,12 +165,6 @@ def set_overrides(
     with open(params_file, encoding="utf-8") as handle:
         document = ruamel.load(handle)
     for assignment in assignments:
-        keys, value = parse_override(assignment)
-        node = document
-        for key in keys[:-1]:
-            if key not in node or not isinstance(node[key], dict):
-                raise ParamsError(f"override {assignment!r}: params.yaml has no section '{key}'")
-            node = node[key]
-        node[keys[-1]] = value
+        _assign(document, assignment)
     with atomic_file(params_file) as handle:
         ruamel.dump(document, handle)

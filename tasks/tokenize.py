@@ -32,8 +32,6 @@ from tasks.layout import DEDUP_DIR, TOKENIZER_FILE, TOKENS_DIR
 from tasks.params import ParamsError
 from tasks.tokenizer import EOS_TOKEN, load_tokenizer
 
-# Owned here until tasks/layout.py declares them (dvc.yaml names the same paths).
-
 SPLITS = ("train", "val")
 META_FORMAT = 1
 
