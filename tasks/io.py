@@ -44,6 +44,13 @@ def content_id(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def hash_fraction(seed: int, doc_id: str) -> float:
+    """A document's seeded position in [0, 1), from a 64-bit hash of seed and id. Splits and samples
+    compare it with a fraction, so they depend only on the seed and the id, never on order or sharding."""
+    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 # --------------------------------------------------------------------------------------------------
 # Atomic outputs
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from tasks.io import atomic_dir, file_md5, iter_batches, write_json
+from tasks.io import atomic_dir, file_md5, hash_fraction, iter_batches, write_json
 from tasks.layout import DEDUP_DIR, TOKENIZER_FILE, TOKENS_DIR
 from tasks.params import ParamsError
 from tasks.tokenizer import EOS_TOKEN, load_tokenizer
@@ -53,12 +52,6 @@ class TokenizeParams:
                 raise ParamsError(f"params.yaml: tokenize.{name} must be ≥ 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ParamsError(f"params.yaml: tokenize.seed must be ≥ 0, got {self.seed}")
-
-
-def split_fraction(seed: int, doc_id: str) -> float:
-    """The document's position in [0, 1): validation when below val_fraction (order-independent)."""
-    digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -127,7 +120,7 @@ def _plan_split(source_dir: Path, params: TokenizeParams) -> tuple[int, str | No
     smallest: tuple[float, str] | None = None
     for batch in iter_batches(source_dir, columns=["id"], batch_size=1 << 16):
         for doc_id in batch.column("id").to_pylist():
-            fraction = split_fraction(params.seed, doc_id)
+            fraction = hash_fraction(params.seed, doc_id)
             docs += 1
             val += fraction < params.val_fraction
             if smallest is None or (fraction, doc_id) < smallest:
@@ -163,7 +156,7 @@ def run(params: TokenizeParams, root: Path) -> dict[str, int | float]:
             parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
             nbytes = dict.fromkeys(SPLITS, 0)
             for doc_id, text, encoding in zip(ids, texts, encodings, strict=True):
-                is_val = doc_id == forced or split_fraction(params.seed, doc_id) < params.val_fraction
+                is_val = doc_id == forced or hash_fraction(params.seed, doc_id) < params.val_fraction
                 split = "val" if is_val else "train"
                 parts[split].append(np.asarray(encoding.ids, dtype))
                 parts[split].append(eos)

@@ -27,7 +27,6 @@ With transformers, tokenizer_config.json sets `split_special_tokens: true`, whic
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +36,7 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tasks.io import atomic_dir, atomic_file, iter_batches, write_json
+from tasks.io import atomic_dir, atomic_file, hash_fraction, iter_batches, write_json
 from tasks.layout import DEDUP_DIR, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR
 from tasks.params import ParamsError
 
@@ -179,12 +178,6 @@ def _safe(tokenizer: Tokenizer) -> Tokenizer:
 # --------------------------------------------------------------------------------------------------
 
 
-def in_holdout(doc_id: str, seed: int, fraction: float) -> bool:
-    """Deterministic document-level split: a 64-bit hash of seed + id, compared with the fraction."""
-    digest = hashlib.blake2b(f"{seed}\x00{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64 < fraction
-
-
 @dataclass
 class CorpusStats:
     docs: int = 0
@@ -231,16 +224,15 @@ def collect_holdout(directory: Path, p: TokenizerParams) -> list[str]:
 
 
 def _holdout_filter(p: TokenizerParams) -> Callable[[str], bool]:
-    return lambda doc_id: in_holdout(doc_id, p.seed, p.compare_holdout_fraction)
+    return lambda doc_id: hash_fraction(p.seed, doc_id) < p.compare_holdout_fraction
 
 
 def _train_filter(p: TokenizerParams, total_chars: int) -> Callable[[str], bool]:
     """Non-holdout documents, sampled (by an independent hash) down to about `compare_max_train_chars`,
     evenly across the whole corpus rather than its first files."""
     sample = min(1.0, p.compare_max_train_chars / max(total_chars, 1))
-    return lambda doc_id: (
-        not in_holdout(doc_id, p.seed, p.compare_holdout_fraction) and in_holdout(doc_id, p.seed + 1, sample)
-    )
+    holdout = _holdout_filter(p)
+    return lambda doc_id: not holdout(doc_id) and hash_fraction(p.seed + 1, doc_id) < sample
 
 
 # --------------------------------------------------------------------------------------------------

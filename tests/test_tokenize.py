@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.data import BatchCursor, TokenShards
-from tasks.io import content_id
+from tasks.io import content_id, hash_fraction
 from tasks.normalize import NORMALIZED_SCHEMA as SCHEMA
 from tasks.params import ParamsError
-from tasks.tokenize import EOS_TOKEN, TOKENIZER_FILE, TOKENS_DIR, TokenizeParams, run, split_fraction
+from tasks.tokenize import EOS_TOKEN, TOKENIZER_FILE, TOKENS_DIR, TokenizeParams, run
 
 WORDS = [
     "the",
@@ -139,7 +139,7 @@ def _expected(root: Path, docs: list[dict], params: TokenizeParams) -> dict[str,
     eos = tokenizer.token_to_id(EOS_TOKEN)
     out: dict[str, list[list[int]]] = {"train": [], "val": []}
     for doc in docs:
-        split = "val" if split_fraction(params.seed, doc["id"]) < params.val_fraction else "train"
+        split = "val" if hash_fraction(params.seed, doc["id"]) < params.val_fraction else "train"
         out[split].append([*tokenizer.encode(doc["text"], add_special_tokens=False).ids, eos])
     return out
 
@@ -262,7 +262,7 @@ def test_tiny_corpus_still_gets_a_val_document(tmp_path: Path, corpus: tuple[Pat
     root, docs = corpus
     two = docs[:2]
     params = TokenizeParams(val_fraction=1e-9)
-    assert all(split_fraction(params.seed, d["id"]) >= params.val_fraction for d in two)
+    assert all(hash_fraction(params.seed, d["id"]) >= params.val_fraction for d in two)
     _write_corpus(tmp_path, two)
     (tmp_path / TOKENIZER_FILE).parent.mkdir(parents=True)
     (tmp_path / TOKENIZER_FILE).write_bytes((root / TOKENIZER_FILE).read_bytes())
