@@ -3,6 +3,7 @@
 llmpipe run [--only dedup] [--from X] [--to Y] [--force] [-S section.key=value ...]
 llmpipe stage NAME          # what dvc.yaml's `cmd` calls
 llmpipe status              # which stages are stale (from DVC) and their last metrics
+llmpipe plan [--flops 1e18 | --gpu h100 --gpus 8 --hours 24 --mfu 0.4] [--price 2.5] [--json]
 """
 
 from __future__ import annotations
@@ -146,6 +147,67 @@ def status() -> None:
         else:
             state, why = "[green]up to date[/]", ""
         table.add_row(name, state, why, metrics_summary(root, name))
+    console.print(table)
+
+
+@app.command()
+def plan(
+    flops: Annotated[float | None, typer.Option(help="total training FLOPs (instead of GPU hours)")] = None,
+    gpu: Annotated[
+        str | None, typer.Option(help="h100, h100-pcie, h200, a100, l40s, l4, rtx4090 or cpu")
+    ] = None,
+    gpus: Annotated[int | None, typer.Option(help="number of GPUs")] = None,
+    hours: Annotated[float | None, typer.Option(help="wall-clock training hours")] = None,
+    mfu: Annotated[float | None, typer.Option(help="model FLOPs utilisation, 0-1")] = None,
+    price: Annotated[float | None, typer.Option(help="dollars per GPU-hour")] = None,
+    context: Annotated[int | None, typer.Option(help="context length in tokens")] = None,
+    vocab: Annotated[
+        int | None, typer.Option(help="vocabulary size (default: the trained tokenizer's)")
+    ] = None,
+    tokens: Annotated[int | None, typer.Option(help="training-split tokens (default: data/tokens)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print plan.json instead of a table")] = False,
+) -> None:
+    """Plan a training run for a compute budget: model shape, tokens, time, cost, data check.
+
+    Starts from the project's params.yaml (plan, pretrain.model) when run inside one; options override."""
+    import dataclasses
+    import json
+
+    from tasks.params import load_params_file, parse_section
+    from tasks.plan import PlanParams, make_plan, model_params, read_token_meta, summary_rows
+
+    try:
+        root: Path | None = project_root()
+    except FileNotFoundError:
+        root = None
+    try:
+        params = load_params_file(root / PARAMS_FILE) if root else {}
+        base = parse_section(PlanParams, "plan", params.get("plan"))
+        model = model_params(params)
+        changes = {"gpu": gpu, "gpus": gpus, "hours": hours, "mfu": mfu, "usd_per_gpu_hour": price}
+        changes |= {"context_length": context, "flops": flops}
+        changes = {key: value for key, value in changes.items() if value is not None}
+        if flops is None and (gpu is not None or hours is not None):
+            changes["flops"] = None  # a GPU budget given on the command line replaces a FLOPs one
+        chosen = dataclasses.replace(base, **changes)
+        chosen.validate(where="--")
+        meta = read_token_meta(root) if root else None
+        vocab_size = vocab or (
+            meta["vocab_size"] if meta else (params.get("tokenizer") or {}).get("vocab_size", 8192)
+        )
+        train_tokens = tokens if tokens is not None else (meta["splits"]["train"]["tokens"] if meta else None)
+        result = make_plan(chosen, model, vocab_size, train_tokens)
+    except ParamsError as err:
+        errors.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return
+    table = Table(title="llmpipe plan", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for what, value in summary_rows(result):
+        table.add_row(f"[red]{what}[/]" if what == "WARNING" else what, value)
     console.print(table)
 
 

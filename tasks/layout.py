@@ -28,6 +28,7 @@ DEDUP_DIR = Path("data/dedup")
 TOKENS_DIR = Path("data/tokens")
 TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZER_FILE = TOKENIZER_DIR / "tokenizer.json"
+PLAN_FILE = Path("models/plan.json")
 QUARANTINE_DIR = Path("data/quarantine")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")

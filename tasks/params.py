@@ -69,6 +69,8 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         return value
     if annotation is Any:
         return value
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):  # a nested mapping
+        return parse_section(annotation, where.removeprefix("params.yaml: "), value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation in (int, float) and isinstance(value, bool):

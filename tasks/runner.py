@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tasks import dedup, ingest, normalize, tokenize, tokenizer, tracking
+from tasks import dedup, ingest, normalize, plan, tokenize, tokenizer, tracking
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, PARAMS_FILE
 from tasks.params import ParamsError, load_section, parse_section
@@ -34,6 +34,7 @@ STAGES: dict[str, Stage] = {
         tokenizer.TokenizerParams, tokenizer.run, "train a byte-level BPE; compare tokenizer families"
     ),
     "tokenize": Stage(tokenize.TokenizeParams, tokenize.run, "encode train/val splits into token shards"),
+    "plan": Stage(plan.PlanParams, plan.run, "FLOPs budget → compute-optimal model shape and token budget"),
 }
 
 
@@ -57,3 +58,4 @@ def validate_params(params: dict[str, Any]) -> None:
         if section is None:
             raise ParamsError(f"params.yaml: section '{name}' is missing")
         parse_section(stage.params_class, name, section)
+    plan.model_params(params)  # pretrain.model: the plan reads the architecture it plans for
