@@ -335,6 +335,10 @@ def apply_plan(plan: dict[str, Any]) -> GPTConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def summary_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
     """(what, value) rows for a table: the CLI prints them, plan.md holds them."""
     budget, train, model, counts = plan["budget"], plan["training"], plan["model"], plan["params"]
@@ -366,8 +370,9 @@ def summary_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "model",
-            f"{model['n_layer']} layers × {model['n_embd']} wide, {model['n_head']} heads of "
-            f"{model['n_embd'] // model['n_head']}{kv_heads}, context {model['block_size']}, "
+            f"{_count(model['n_layer'], 'layer')} × {model['n_embd']} wide, "
+            f"{_count(model['n_head'], 'head')} of {model['n_embd'] // model['n_head']}{kv_heads}, "
+            f"context {model['block_size']}, "
             f"vocab {model['vocab_size']:,}",
         ),
         (
