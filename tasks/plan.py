@@ -13,8 +13,9 @@
    (data/tokens/meta.json) has enough tokens: epochs needed, with a warning above `max_epochs`.
 5. Inference: FLOPs and dollars per request at the given token counts and prices.
 
-Writes models/plan.json (read by pretrain), reports/plan/{plan.md, isoflops.png, frontier.png} and
-plots/plan_isoflops.csv. `llmpipe plan` calls the same `make_plan` without running the pipeline.
+Writes models/plan.json (what pretrain reads: model config, token budget, batch, steps), the full plan
+in reports/plan/plan.json (+ plan.md, isoflops.png, frontier.png) and plots/plan_isoflops.csv.
+`llmpipe plan` calls the same `make_plan` without running the pipeline.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +49,7 @@ from model.scaling import (
     kaplan_optimal,
 )
 from tasks.io import atomic_dir, atomic_file, read_json, write_json
-from tasks.layout import PARAMS_FILE, PLAN_FILE, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR
+from tasks.layout import PARAMS_FILE, PLAN_FILE, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
 from tasks.params import ParamsError, load_params_file, parse_section
 
 PLAN_FORMAT = 1
@@ -170,11 +173,24 @@ class Budget:
         return self.peak_flops * self.gpus * self.mfu
 
 
+def cpu_peak_flops(state: Path | None) -> float:
+    """This machine's measured matmul FLOP/s (2 digits), remembered in `state` so that the same machine
+    plans the same model run after run (the measurement itself varies by a few percent)."""
+    key = f"{platform.machine()}/{platform.processor() or platform.node()}/{os.cpu_count()}"
+    cache = state / "cpu-peak-flops.json" if state is not None else None
+    if cache is not None and cache.is_file():
+        remembered = read_json(cache)
+        if remembered.get("machine") == key:
+            return float(remembered["peak_flops"])
+    peak = float(f"{peak_flops(CPU):.2g}")
+    if cache is not None:
+        write_json(cache, {"machine": key, "peak_flops": peak})
+    return peak
+
+
 def resolve_budget(p: PlanParams, device_peak: float | None = None) -> Budget:
     """The budget in FLOPs and in hours; `device_peak` replaces the table (or the CPU measurement)."""
     peak = device_peak if device_peak is not None else peak_flops(p.gpu)
-    if p.gpu == CPU and device_peak is None:
-        peak = float(f"{peak:.2g}")  # 2 digits: the same machine plans the same model run after run
     sustained = peak * p.gpus * p.mfu
     if p.flops is not None:
         return Budget(p.flops, p.gpu, p.gpus, peak, p.mfu, p.flops / sustained / 3600)
@@ -200,6 +216,8 @@ def make_plan(
 ) -> dict[str, Any]:
     """The whole plan as a JSON-able dict (the contents of models/plan.json)."""
     p.validate()
+    if device_peak is None and p.gpu == CPU:
+        device_peak = cpu_peak_flops(None)
     budget = resolve_budget(p, device_peak)
     optimal = chinchilla_optimal(budget.flops)
     kaplan = kaplan_optimal(budget.flops)
@@ -325,8 +343,21 @@ def make_plan(
     }
 
 
+def buildable(plan: dict[str, Any]) -> dict[str, Any]:
+    """The part of a plan that pretraining consumes: models/plan.json. Prices, time estimates and the
+    inference cost stay out of it (in reports/plan/plan.json), so changing them never retrains a model."""
+    training = {key: plan["training"][key] for key in ("tokens", "batch_tokens", "batch_size", "steps")}
+    return {
+        "format": plan["format"],
+        "model": plan["model"],
+        "overrides": plan["overrides"],
+        "training": training,
+        "train_flops_per_token": plan["flops_per_token"]["train"],
+    }
+
+
 def apply_plan(plan: dict[str, Any]) -> GPTConfig:
-    """The model config a plan.json asks pretrain to build."""
+    """The model config a plan (full or buildable) asks pretrain to build."""
     return GPTConfig.from_dict(plan["model"])
 
 
@@ -501,10 +532,12 @@ def run(params: PlanParams, root: Path) -> dict[str, int | float]:
         raise FileNotFoundError(
             f"{root / TOKENS_DIR / 'meta.json'}: no token shards (run the tokenize stage)"
         )
-    plan = make_plan(params, load_model_params(root), meta["vocab_size"], meta["splits"]["train"]["tokens"])
+    peak = cpu_peak_flops(state_dir(root)) if params.gpu == CPU else None
+    train_tokens = meta["splits"]["train"]["tokens"]
+    plan = make_plan(params, load_model_params(root), meta["vocab_size"], train_tokens, device_peak=peak)
     for warning in plan["warnings"]:
         print(f"plan: warning: {warning}")
-    write_json(root / PLAN_FILE, plan)
+    write_json(root / PLAN_FILE, buildable(plan))
     write_reports(root, plan)
     return {
         "budget_flops": plan["budget"]["flops"],

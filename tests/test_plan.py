@@ -27,7 +27,7 @@ from model.scaling import CHINCHILLA_TABLE3, chinchilla_optimal, choose_shape, k
 from tasks.io import write_json
 from tasks.layout import PLAN_FILE, TOKENS_DIR
 from tasks.params import ParamsError, parse_section
-from tasks.plan import ModelParams, PlanParams, apply_plan, make_plan, run
+from tasks.plan import ModelParams, PlanParams, apply_plan, buildable, make_plan, run
 
 GPT2 = GPTConfig(
     vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024,
@@ -160,21 +160,39 @@ def _fake_tokens(root: Path, train_tokens: int = 3_000_000) -> None:
 
 def test_stage_writes_a_deterministic_plan_and_reports(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("pretrain:\n  model:\n    mlp: gelu\n", encoding="utf-8")
+    budget = PlanParams(flops=1e15, gpu="a100")
     with pytest.raises(FileNotFoundError, match="tokenize"):
-        run(PlanParams(flops=1e15), tmp_path)
+        run(budget, tmp_path)
     _fake_tokens(tmp_path)
-    metrics = run(PlanParams(flops=1e15), tmp_path)
+    metrics = run(budget, tmp_path)
     first = (tmp_path / PLAN_FILE).read_bytes()
     plan = json.loads(first)
-    assert plan["model"]["mlp"] == "gelu" and plan["model"]["vocab_size"] == 8192
-    assert metrics["params"] == plan["params"]["total"] and metrics["steps"] == plan["training"]["steps"]
+    full = json.loads((tmp_path / "reports/plan/plan.json").read_text())
+    assert plan == buildable(full) and apply_plan(plan).mlp == "gelu" and plan["model"]["vocab_size"] == 8192
+    assert metrics["params"] == full["params"]["total"] and metrics["steps"] == plan["training"]["steps"]
     assert metrics["epochs"] == pytest.approx(plan["training"]["tokens"] / 3_000_000, abs=1e-4)
     for name in ("plan.md", "isoflops.png", "frontier.png"):
         assert (tmp_path / "reports/plan" / name).stat().st_size > 0
     rows = (tmp_path / "plots/plan_isoflops.csv").read_text().splitlines()
     assert rows[0] == "log10_params,loss" and len(rows) == 62
-    run(PlanParams(flops=1e15), tmp_path)
+    run(budget, tmp_path)
     assert (tmp_path / PLAN_FILE).read_bytes() == first
+    # prices and time estimates are not what pretraining consumes: changing them leaves plan.json alone
+    run(dataclasses.replace(budget, usd_per_gpu_hour=3.0, mfu=0.5), tmp_path)
+    assert (tmp_path / PLAN_FILE).read_bytes() == first
+
+
+def test_cpu_budget_is_measured_once_per_machine(tmp_path: Path) -> None:
+    _fake_tokens(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n", encoding="utf-8")
+    run(PlanParams(gpu="cpu", hours=0.01), tmp_path)
+    remembered = json.loads((tmp_path / ".llmpipe/cpu-peak-flops.json").read_text())
+    assert remembered["peak_flops"] > 1e8
+    first = (tmp_path / PLAN_FILE).read_bytes()
+    run(PlanParams(gpu="cpu", hours=0.01), tmp_path)
+    assert (tmp_path / PLAN_FILE).read_bytes() == first
+    full = json.loads((tmp_path / "reports/plan/plan.json").read_text())
+    assert full["budget"]["peak_flops_per_gpu"] == remembered["peak_flops"]
 
 
 def test_cli_plan_prints_a_table_or_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,8 +217,9 @@ def test_plan_stage_in_the_pipeline_reads_the_token_split(project: Path) -> None
     run_cli(project, "dvc", "repro", "plan")
     plan = json.loads((project / PLAN_FILE).read_text())
     meta = json.loads((project / TOKENS_DIR / "meta.json").read_text())
+    full = json.loads((project / "reports/plan/plan.json").read_text())
     assert plan["model"]["vocab_size"] == meta["vocab_size"]
-    assert plan["data"]["train_tokens"] == meta["splits"]["train"]["tokens"]
+    assert full["data"]["train_tokens"] == meta["splits"]["train"]["tokens"]
     run_cli(project, "llmpipe", "run", "--only", "plan", "-S", "pretrain.model.n_layer=3")
     plan = json.loads((project / PLAN_FILE).read_text())
     assert plan["model"]["n_layer"] == 3 and plan["overrides"]["n_layer"]["used"] == 3

@@ -1,0 +1,252 @@
+"""A decoder-only GPT in plain PyTorch, every choice in GPTConfig (model/config.py).
+
+    token ids ─► embedding (+ learned or sinusoidal positions) ─► n_layer × Block ─► final norm ─► head
+    Block:  x = x + Attention(norm(x));  x = x + MLP(norm(x))        (pre-norm, residual stream)
+
+- Attention: separate q/k/v/o projections (what LoRA targets and what Llama checkpoints store), optional
+  grouped-query attention (n_kv_head < n_head), rotary positions applied to q and k, and
+  `scaled_dot_product_attention` with `is_causal=True` (flash kernels on GPU) whenever no explicit mask
+  is needed. A sliding window, or a chunk appended to a KV cache, uses an explicit boolean mask.
+- `return_attention=True` takes the slow path (softmax(QKᵀ/√d) materialised) to hand back the weights.
+- A KVCache makes incremental decoding cost one position per step instead of the whole prefix.
+- Initialisation follows GPT-2: N(0, 0.02), residual output projections scaled by 1/√(2·n_layer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import GPTConfig
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: GPTConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (length, head_dim) in Llama's half-split layout: frequencies repeated for both halves."""
+    half = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta**half)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, head_dim) by position: x·cos + rotate_half(x)·sin (as HF Llama does)."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def sinusoidal_table(config: GPTConfig) -> torch.Tensor:
+    """Vaswani et al.'s fixed positions (block_size, n_embd): sin on even, cos on odd dimensions."""
+    position = torch.arange(config.block_size, dtype=torch.float32)[:, None]
+    scale = torch.exp(
+        torch.arange(0, config.n_embd, 2, dtype=torch.float32) * (-math.log(10000.0) / config.n_embd)
+    )
+    table = torch.zeros(config.block_size, config.n_embd)
+    table[:, 0::2] = torch.sin(position * scale)
+    table[:, 1::2] = torch.cos(position * scale)
+    return table
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the positions seen so far: (B, kv_heads, length, head_dim)."""
+
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        while len(self.keys) <= layer:
+            self.keys.append(None)
+            self.values.append(None)
+        old_k, old_v = self.keys[layer], self.values[layer]
+        self.keys[layer] = k if old_k is None else torch.cat([old_k, k], dim=2)
+        self.values[layer] = v if old_v is None else torch.cat([old_v, v], dim=2)
+        return self.keys[layer], self.values[layer]  # type: ignore[return-value]
+
+
+def attention_mask(queries: int, start: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean (queries, start + queries) mask, True = may attend: causal, and within `window` if set."""
+    q = torch.arange(start, start + queries, device=device)[:, None]
+    k = torch.arange(start + queries, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    return allowed
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.config, self.layer = config, layer
+        d, hd = config.n_embd, config.head_dim
+        self.q_proj = nn.Linear(d, config.n_head * hd, bias=config.bias)
+        self.k_proj = nn.Linear(d, config.kv_heads * hd, bias=config.bias)
+        self.v_proj = nn.Linear(d, config.kv_heads * hd, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_head * hd, d, bias=config.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cfg = self.config
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if cfg.kv_heads != cfg.n_head:  # grouped-query: each k/v head serves n_head / kv_heads query heads
+            k = k.repeat_interleave(cfg.n_head // cfg.kv_heads, dim=1)
+            v = v.repeat_interleave(cfg.n_head // cfg.kv_heads, dim=1)
+
+        window = cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < start + length else None
+        dropout = cfg.dropout if self.training else 0.0
+        weights = None
+        if return_attention:  # the slow path: materialise the weights to return them
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(cfg.head_dim)
+            scores = scores.masked_fill(~attention_mask(length, start, window, x.device), float("-inf"))
+            weights = scores.softmax(dim=-1)
+            y = F.dropout(weights, dropout, self.training) @ v
+        elif start == 0 and window is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif length == 1 and window is None:  # one new token attends to everything cached
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:
+            mask = attention_mask(length, start, window, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(batch, length, cfg.n_head * cfg.head_dim)
+        return self.o_proj(y), weights
+
+
+class MLP(nn.Module):
+    """GELU (tanh approximation, as GPT-2): down(gelu(up(x))). SwiGLU (Llama): down(silu(gate(x))·up(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        self.up_proj = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
+        self.down_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
+        if self.swiglu:
+            self.gate_proj = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.attn_norm(x), rope, cache, return_attention)
+        x = x + self.dropout(attended)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x, weights
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos_encoding == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        elif config.pos_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(config), persistent=False)
+        else:
+            cos, sin = rope_tables(config, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, parameter in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(parameter, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """Logits (B, T, vocab); the mean cross-entropy over targets ≠ -100 when given; attention weights
+        per layer (B, heads, T, start + T) when `return_attention`."""
+        _, length = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + length > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + length} tokens exceeds block_size {self.config.block_size}"
+            )
+        x = self.tok_emb(idx)
+        if self.config.pos_encoding == "learned":
+            x = x + self.pos_emb(torch.arange(start, start + length, device=idx.device))
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[start : start + length].to(x.dtype)
+        rope = None
+        if self.config.pos_encoding == "rope":
+            rope = (self.rope_cos[start : start + length], self.rope_sin[start : start + length])
+        x = self.dropout(x)
+        attention: list[torch.Tensor] = []
+        for block in self.blocks:
+            x, weights = block(x, rope, cache, return_attention)
+            if weights is not None:
+                attention.append(weights)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100
+            )
+        return logits, loss, attention
+
+    def num_params(self) -> int:
+        """Parameters counted once (a tied head is the embedding); equals model.flops.count_params().total."""
+        return sum(p.numel() for p in self.parameters())
