@@ -103,9 +103,11 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        start: int = 0,
         cache: KVCache | None = None,
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`start`: the position of x's first token (the cache length before this call)."""
         cfg = self.config
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, cfg.n_head, cfg.head_dim).transpose(1, 2)
@@ -113,7 +115,6 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, length, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        start = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         if cfg.kv_heads != cfg.n_head:  # grouped-query: each k/v head serves n_head / kv_heads query heads
@@ -169,10 +170,11 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        start: int = 0,
         cache: KVCache | None = None,
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attn(self.attn_norm(x), rope, cache, return_attention)
+        attended, weights = self.attn(self.attn_norm(x), rope, start, cache, return_attention)
         x = x + self.dropout(attended)
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         return x, weights
@@ -236,15 +238,13 @@ class GPT(nn.Module):
         x = self.dropout(x)
         attention: list[torch.Tensor] = []
         for block in self.blocks:
-            x, weights = block(x, rope, cache, return_attention)
+            x, weights = block(x, rope, start, cache, return_attention)
             if weights is not None:
                 attention.append(weights)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100
-            )
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
         return logits, loss, attention
 
     def num_params(self) -> int:
