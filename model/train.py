@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -366,6 +367,7 @@ def train(
         desc="pretrain",
         unit="step",
         disable=not (progress and runtime.is_main),
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step
     )
     model.train()
     began, window_tokens, window_began = time.perf_counter(), 0, time.perf_counter()

@@ -29,6 +29,7 @@ TOKENS_DIR = Path("data/tokens")
 TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZER_FILE = TOKENIZER_DIR / "tokenizer.json"
 PLAN_FILE = Path("models/plan.json")
+BASE_DIR = Path("models/base")
 QUARANTINE_DIR = Path("data/quarantine")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")

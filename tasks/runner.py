@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tasks import dedup, ingest, normalize, plan, tokenize, tokenizer, tracking
+from tasks import dedup, ingest, normalize, plan, pretrain, tokenize, tokenizer, tracking
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, PARAMS_FILE
 from tasks.params import ParamsError, load_section, parse_section
@@ -35,6 +35,7 @@ STAGES: dict[str, Stage] = {
     ),
     "tokenize": Stage(tokenize.TokenizeParams, tokenize.run, "encode train/val splits into token shards"),
     "plan": Stage(plan.PlanParams, plan.run, "FLOPs budget → compute-optimal model shape and token budget"),
+    "pretrain": Stage(pretrain.PretrainParams, pretrain.run, "train the planned GPT; resumable; HF export"),
 }
 
 
@@ -44,10 +45,14 @@ def run_stage(name: str, root: Path, track: bool = True) -> dict[str, Any]:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     stage = STAGES[name]
     params = load_section(stage.params_class, name, root / PARAMS_FILE)
-    metrics = stage.run(params, root)
-    write_json(root / METRICS_DIR / f"{name}.json", metrics)
-    if track:
-        tracking.log_stage(root, tracking.StageLog(name, dataclasses.asdict(params), metrics))
+    if not track:
+        metrics = stage.run(params, root)
+        write_json(root / METRICS_DIR / f"{name}.json", metrics)
+        return metrics
+    with tracking.stage_run(root, name, dataclasses.asdict(params)):
+        metrics = stage.run(params, root)
+        write_json(root / METRICS_DIR / f"{name}.json", metrics)
+        tracking.finish_stage(root, name, metrics)
     return metrics
 
 
@@ -58,4 +63,3 @@ def validate_params(params: dict[str, Any]) -> None:
         if section is None:
             raise ParamsError(f"params.yaml: section '{name}' is missing")
         parse_section(stage.params_class, name, section)
-    plan.model_params(params)  # pretrain.model: the plan reads the architecture it plans for

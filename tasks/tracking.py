@@ -9,15 +9,17 @@ it. Without a parent (a plain `dvc repro`), each stage logs a top-level run of i
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import yaml
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 from tasks.io import dvc_md5, read_json
 from tasks.layout import METRICS_DIR, PLOTS_DIR, REPORTS_DIR, state_dir
@@ -124,34 +126,70 @@ def pipeline_run(root: Path, run_name: str, params: Mapping[str, Any]) -> Iterat
         yield run
 
 
-@dataclasses.dataclass
-class StageLog:
-    """What a stage hands to `log_stage`: its params section and the metrics dict it returned."""
-
-    stage: str
-    params: Mapping[str, Any]
-    metrics: Mapping[str, Any]
-
-
-def log_stage(root: Path, log: StageLog) -> str:
-    """Log one executed stage as a run (nested under the pipeline run when there is one); return its id."""
+@contextlib.contextmanager
+def stage_run(root: Path, stage: str, params: Mapping[str, Any]) -> Iterator[str]:
+    """An MLflow run for one executing stage (nested under the pipeline run when there is one), open
+    while the stage works so it can stream metrics (MetricStream). A stage that raises ends FAILED."""
     experiment_id = configure(root)
     parent = os.environ.get(PARENT_RUN_ENV) or None
-    tags = {STAGE_TAG: log.stage, "git_commit": git_commit(root), **md5_tags(root, log.stage)}
+    tags = {STAGE_TAG: stage, "git_commit": git_commit(root)}
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=log.stage, parent_run_id=parent, tags=tags
+        experiment_id=experiment_id, run_name=stage, parent_run_id=parent, tags=tags
     ) as run:
-        mlflow.log_params({k: str(v) for k, v in flatten(log.params).items()})
-        mlflow.log_metrics(numeric_metrics(log.metrics))
-        metrics_file = root / METRICS_DIR / f"{log.stage}.json"
-        if metrics_file.exists():
-            mlflow.log_artifact(str(metrics_file), artifact_path="metrics")
-        reports = root / REPORTS_DIR / log.stage
-        if reports.is_dir():
-            mlflow.log_artifacts(str(reports), artifact_path="reports")
-        for plot in sorted((root / PLOTS_DIR).glob(f"{log.stage}_*.csv")):
-            mlflow.log_artifact(str(plot), artifact_path="plots")
-        return run.info.run_id
+        mlflow.log_params({k: str(v) for k, v in flatten(params).items()})
+        yield run.info.run_id
+
+
+def finish_stage(root: Path, stage: str, metrics: Mapping[str, Any]) -> None:
+    """On the active stage run: final metrics, md5 tags of inputs and outputs, metrics/reports/plots."""
+    mlflow.set_tags(md5_tags(root, stage))
+    mlflow.log_metrics(numeric_metrics(metrics))
+    metrics_file = root / METRICS_DIR / f"{stage}.json"
+    if metrics_file.exists():
+        mlflow.log_artifact(str(metrics_file), artifact_path="metrics")
+    reports = root / REPORTS_DIR / stage
+    if reports.is_dir():
+        mlflow.log_artifacts(str(reports), artifact_path="reports")
+    for plot in sorted((root / PLOTS_DIR).glob(f"{stage}_*.csv")):
+        mlflow.log_artifact(str(plot), artifact_path="plots")
+
+
+class MetricStream:
+    """Per-step metrics for the active run, sent in batches (one `log_batch` call per `every` seconds or
+    1,000 values) rather than one call per step. Without an active run it only drops them."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        run = mlflow.active_run()
+        self.run_id = run.info.run_id if run is not None else None
+        self.every = every
+        self.pending: list[Metric] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, step: int, values: Mapping[str, float]) -> None:
+        if self.run_id is None:
+            return
+        now = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), now, step) for key, value in values.items()]
+        if len(self.pending) >= 1000 or time.monotonic() - self.last_flush >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.run_id is not None and self.pending:
+            MlflowClient().log_batch(self.run_id, metrics=self.pending[:1000])
+            self.pending = self.pending[1000:]
+            if self.pending:
+                self.flush()
+        self.last_flush = time.monotonic()
+
+
+def log_artifacts(path: Path, artifact_path: str) -> None:
+    """Copy a file or directory into the active run's artifacts (no-op without an active run)."""
+    if mlflow.active_run() is None:
+        return
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
 def find_stage_run(root: Path, parent_run_id: str, stage: str) -> str | None:

@@ -22,12 +22,16 @@ def dvc_stages() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
+EXTRA_PARAMS = {"plan": ["pretrain.model"]}
+
+
 def test_every_stage_is_declared_once_with_its_own_params_and_metrics() -> None:
     declared = dvc_stages()
     assert list(declared) == [stage for stage in PIPELINE_STAGES if stage in STAGES]
     for name, spec in declared.items():
         assert spec["cmd"] == f"llmpipe stage {name}"
-        assert spec["params"] == [name]  # exactly its own section
+        # its own section; the plan also reads the architecture it sizes (pretrain.model)
+        assert spec["params"] == [name, *EXTRA_PARAMS.get(name, [])]
         assert f"tasks/{name}.py" in spec["deps"]
         assert [next(iter(m)) for m in spec["metrics"]] == [f"metrics/{name}.json"]
         assert all(m[f"metrics/{name}.json"]["cache"] is False for m in spec["metrics"])

@@ -1,0 +1,302 @@
+"""Stage `pretrain`: build the GPT that models/plan.json describes and train it on data/tokens/.
+
+1. The model config and token budget come from models/plan.json (sizes set in `pretrain.model` were
+   already applied by the plan stage and are recorded there); `pretrain.steps` / `batch_size` override
+   the plan's schedule and the metrics say so.
+2. model/train.py runs the loop. Its checkpoints live in .llmpipe/checkpoints/pretrain/, outside DVC's
+   outputs (DVC deletes those before it reruns a stage), so `dvc repro` after a killed run resumes. The
+   checkpoint carries a fingerprint of the model and training config and of the data and tokenizer md5s:
+   changed params or data, or a finished run being rerun on purpose (`--force`), start from step 0.
+3. Progress streams to the active MLflow run in batches (loss, lr, grad norm, tokens/s, MFU; validation
+   loss and perplexity); the curves also go to plots/pretrain_*.csv for `dvc plots`.
+4. models/base/: model.safetensors + config.json (GPTConfig) + the tokenizer files, and hf/ (a
+   transformers directory) when the architecture has a transformers twin. reports/pretrain/: loss.png,
+   samples.md. Metrics include a unigram baseline on the same validation split, in the same unit.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from model.config import GPTConfig
+from model.data import TokenShards
+from model.flops import ACCELERATORS
+from model.train import Callbacks, TrainConfig, TrainResult, load_weights, train
+from tasks import tracking
+from tasks.io import atomic_dir, atomic_file, file_md5, read_json, write_json
+from tasks.layout import BASE_DIR, PLAN_FILE, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR, TOKENS_DIR, state_dir
+from tasks.params import ParamsError
+from tasks.plan import ModelParams, apply_plan, cpu_peak_flops
+from tasks.tokenizer import load_tokenizer
+
+REPORT_DIR = REPORTS_DIR / "pretrain"
+LOSS_PLOT = PLOTS_DIR / "pretrain_loss.csv"
+VAL_PLOT = PLOTS_DIR / "pretrain_val.csv"
+CHECKPOINTS = Path("checkpoints/pretrain")  # under .llmpipe/
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+#: Fields of the pretrain section that do not change the trained weights (not in the fingerprint).
+OBSERVATION_ONLY = ("eval_every", "eval_batches", "sample_every", "sample_tokens", "sample_prompts",
+                    "checkpoint_every", "log_model", "compile")  # fmt: skip
+
+
+@dataclass
+class PretrainParams:
+    model: ModelParams = field(default_factory=ModelParams)  # read by the plan stage, which sizes it
+    steps: int | None = None  # optimizer steps; null: the plan's
+    batch_size: int | None = None  # sequences per step; null: the plan's
+    micro_batch_size: int | None = None  # per forward pass; smaller = less memory, same result
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 20
+    sample_every: int = 0
+    sample_tokens: int = 48
+    sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO.", "In the beginning"])
+    checkpoint_every: int = 100
+    seed: int = 1337
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    log_model: bool = True  # copy models/base/ into the MLflow run's artifacts
+
+    def train_config(self, plan: dict[str, Any]) -> TrainConfig:
+        steps = self.steps if self.steps is not None else plan["training"]["steps"]
+        return TrainConfig(
+            steps=steps,
+            batch_size=self.batch_size if self.batch_size is not None else plan["training"]["batch_size"],
+            micro_batch_size=self.micro_batch_size,
+            lr=self.lr,
+            min_lr_ratio=self.min_lr_ratio,
+            schedule=self.schedule,
+            warmup_steps=min(self.warmup_steps, steps - 1),
+            decay_fraction=self.decay_fraction,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            eval_every=self.eval_every,
+            eval_batches=self.eval_batches,
+            sample_every=self.sample_every,
+            sample_tokens=self.sample_tokens,
+            checkpoint_every=self.checkpoint_every,
+            seed=self.seed,
+            device=self.device,
+            precision=self.precision,
+            compile=self.compile,
+        )
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "micro_batch_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ParamsError(f"params.yaml: pretrain.{key} must be ≥ 1 or null, got {value}")
+        placeholder = {"training": {"steps": max(2, self.warmup_steps + 1), "batch_size": 1}}
+        try:
+            self.train_config(placeholder).validate()
+        except ValueError as err:
+            raise ParamsError(f"params.yaml: pretrain.{err}") from None
+
+
+def fingerprint(config: GPTConfig, cfg: TrainConfig, root: Path) -> str:
+    """Hash of what determines the trained weights: model and loop config, data and tokenizer md5s."""
+    loop = {k: v for k, v in asdict(cfg).items() if k not in OBSERVATION_ONLY}
+    data = {
+        "meta": file_md5(root / TOKENS_DIR / "meta.json"),
+        "tokenizer": file_md5(root / TOKENIZER_DIR / "tokenizer.json"),
+    }
+    blob = json.dumps({"model": asdict(config), "loop": loop, "data": data}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def device_peak_flops(device: str, root: Path) -> float | None:
+    """Peak FLOP/s of the training device for MFU: the table for known GPUs, measured for the CPU."""
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return cpu_peak_flops(state_dir(root))
+    name = torch.cuda.get_device_name(torch.device(device if device != "auto" else "cuda")).lower()
+    for key, accelerator in ACCELERATORS.items():
+        if key.replace("-pcie", "") in name.replace(" ", "") and ("pcie" in name) == key.endswith("pcie"):
+            return accelerator.peak_flops
+    return None  # an unknown GPU: no MFU rather than a wrong one
+
+
+def unigram_loss(train_data: TokenShards, val_data: TokenShards) -> float:
+    """Cross-entropy (nats/token) of add-one unigram frequencies from train, on the val split."""
+    counts = np.zeros(train_data.vocab_size, np.float64)
+    for shard in train_data.shards:
+        counts += np.bincount(np.asarray(shard), minlength=train_data.vocab_size)[: train_data.vocab_size]
+    log_probs = np.log((counts + 1) / (counts.sum() + len(counts)))
+    total, n = 0.0, 0
+    for shard in val_data.shards:
+        ids = np.asarray(shard)
+        total -= float(log_probs[ids].sum())
+        n += len(ids)
+    return total / max(n, 1)
+
+
+class StageCallbacks(Callbacks):
+    """Stream metrics to MLflow (batched) and keep the curves and samples for the reports."""
+
+    def __init__(self, decode: Any) -> None:
+        self.stream = tracking.MetricStream()
+        self.decode = decode
+        self.val: list[tuple[int, float]] = []
+        self.samples: list[tuple[int, list[str]]] = []
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.stream.add(step, metrics)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.val.append((step, metrics["val_loss"]))
+        self.stream.add(step, metrics)
+
+    def on_sample(self, step: int, samples: list[list[int]]) -> None:
+        self.samples.append((step, [self.decode(ids) for ids in samples]))
+
+
+def _write_reports(
+    root: Path, result: TrainResult, callbacks: StageCallbacks, prompts: list[str], baseline: float
+) -> None:
+    with atomic_file(root / LOSS_PLOT) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["step", "train_loss", "lr"])
+        writer.writerows([int(h["step"]), f"{h['loss']:.5f}", f"{h['lr']:.6g}"] for h in result.history)
+    with atomic_file(root / VAL_PLOT) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["step", "val_loss", "unigram_baseline"])
+        writer.writerows([step, f"{loss:.5f}", f"{baseline:.5f}"] for step, loss in callbacks.val)
+
+    from matplotlib.figure import Figure
+
+    with atomic_dir(root / REPORT_DIR) as out:
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+        ax.plot(
+            [h["step"] for h in result.history], [h["loss"] for h in result.history], label="train", alpha=0.7
+        )
+        if callbacks.val:
+            ax.plot(*zip(*callbacks.val, strict=True), "o-", label="validation")
+        ax.axhline(baseline, color="grey", linestyle="--", label=f"unigram baseline ({baseline:.2f})")
+        ax.set(xlabel="step", ylabel="loss (nats/token)", title="pretraining loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=100)
+        lines = ["# Samples", ""]
+        for step, texts in callbacks.samples:
+            lines += [f"## step {step}", ""]
+            lines += [f"- **{prompt!r}** → {text!r}" for prompt, text in zip(prompts, texts, strict=True)]
+            lines.append("")
+        (out / "samples.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def run(params: PretrainParams, root: Path) -> dict[str, int | float]:
+    """Read models/plan.json + data/tokens/ + models/tokenizer/, write models/base/ and reports."""
+    root = Path(root)
+    if not (root / PLAN_FILE).is_file():
+        raise FileNotFoundError(f"{root / PLAN_FILE}: no plan (run the `plan` stage first)")
+    plan = read_json(root / PLAN_FILE)
+    config = apply_plan(plan)
+    cfg = params.train_config(plan)
+    train_data, val_data = TokenShards(root / TOKENS_DIR, "train"), TokenShards(root / TOKENS_DIR, "val")
+    if train_data.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"{PLAN_FILE} plans vocabulary {config.vocab_size}, data/tokens has {train_data.vocab_size}: "
+            "rerun the plan stage"
+        )
+    tokenizer = load_tokenizer(root / TOKENIZER_DIR)
+    prompts = [tokenizer.encode(text, add_special_tokens=False).ids for text in params.sample_prompts]
+
+    import torch
+
+    from model.gpt import GPT
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(config)
+    callbacks = StageCallbacks(lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+    result = train(
+        model, train_data, val_data if len(val_data) > config.block_size else None, cfg,
+        checkpoints=state_dir(root) / CHECKPOINTS, fingerprint=fingerprint(config, cfg, root),
+        callbacks=callbacks, peak_flops=device_peak_flops(cfg.device, root), sample_prompts=prompts,
+        eos_id=train_data.eos_id,
+    )  # fmt: skip
+    callbacks.stream.flush()
+    baseline = unigram_loss(train_data, val_data) if len(val_data) else float("nan")
+    _write_reports(root, result, callbacks, params.sample_prompts, baseline)
+    _save_base(root, model)
+    if params.log_model:
+        tracking.log_artifacts(root / BASE_DIR, "model")
+    metrics: dict[str, int | float] = {
+        "params": model.num_params(),
+        "steps": result.steps,
+        "planned_steps": plan["training"]["steps"],
+        "batch_size": cfg.batch_size,
+        "tokens": cfg.steps * cfg.batch_size * config.block_size,
+        "resumed_from_step": result.resumed_from,
+        "train_loss": round(result.train_loss, 5),
+        "unigram_val_loss": round(baseline, 5),
+        "seconds": round(result.seconds, 2),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+    }
+    if result.val_loss is not None:
+        metrics |= {
+            "val_loss": round(result.val_loss, 5),
+            "val_perplexity": round(math.exp(result.val_loss), 3),
+        }
+    if result.mfu is not None:
+        metrics["mfu"] = round(result.mfu, 5)
+    return metrics
+
+
+def _save_base(root: Path, model: Any) -> None:
+    """models/base/: model.safetensors, config.json, the tokenizer, and hf/ when transformers can load it."""
+    from safetensors.torch import save_model
+
+    from model.hf import hf_layout, save_hf
+
+    model = model.cpu()
+    with atomic_dir(root / BASE_DIR) as out:
+        save_model(model, str(out / "model.safetensors"))
+        write_json(out / "config.json", asdict(model.config))
+        for name in TOKENIZER_FILES:
+            if (root / TOKENIZER_DIR / name).is_file():
+                shutil.copy2(root / TOKENIZER_DIR / name, out / name)
+        try:
+            hf_layout(model.config)
+        except ValueError:
+            return  # no transformers twin for this architecture: models/base/ is llmpipe-only
+        special = _special_ids(root)
+        save_hf(model, out / "hf", special)
+        for name in TOKENIZER_FILES:
+            if (out / name).is_file():
+                shutil.copy2(out / name, out / "hf" / name)
+
+
+def _special_ids(root: Path) -> dict[str, int | None]:
+    tokenizer = load_tokenizer(root / TOKENIZER_DIR)
+    return {
+        "bos_token_id": tokenizer.token_to_id("<|bos|>"),
+        "eos_token_id": tokenizer.token_to_id("<|eos|>"),
+        "pad_token_id": tokenizer.token_to_id("<|pad|>"),
+    }
+
+
+def load_base(directory: Path) -> Any:
+    """The GPT saved in models/base/ (or any directory with config.json + model.safetensors)."""
+    from model.gpt import GPT
+
+    model = GPT(GPTConfig.from_dict(read_json(Path(directory) / "config.json")))
+    load_weights(model, Path(directory))
+    return model.eval()
