@@ -233,9 +233,9 @@ def save_checkpoint(
     pointer = directory / f".{LATEST}.tmp-{os.getpid()}"
     pointer.write_text(final.name + "\n", encoding="utf-8")
     os.replace(pointer, directory / LATEST)
-    for old in directory.glob("step-*"):
+    for old in [*directory.glob("step-*"), *directory.glob(".*.tmp-*")]:  # older ones, a killed run's temps
         if old.name != final.name:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     return final
 
 

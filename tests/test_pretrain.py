@@ -1,0 +1,89 @@
+"""The pretrain stage through DVC: trains, exports a transformers model, and resumes a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from tasks.params import ParamsError, parse_section, set_overrides
+from tasks.pretrain import PretrainParams, load_base
+
+FAST = [
+    "plan.context_length=32",
+    "pretrain.steps=300",
+    "pretrain.batch_size=4",
+    "pretrain.warmup_steps=10",
+    "pretrain.checkpoint_every=5",
+    "pretrain.eval_every=100",
+    "pretrain.eval_batches=2",
+    "pretrain.sample_tokens=8",
+    "pretrain.log_model=false",
+]
+
+
+def checkpoint_step(project: Path) -> int:
+    pointer = project / ".llmpipe/checkpoints/pretrain/latest"
+    return int(pointer.read_text().strip().removeprefix("step-")) if pointer.is_file() else 0
+
+
+def test_pretrain_resumes_a_killed_run_through_dvc_and_exports(project: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    set_overrides(project / "params.yaml", FAST)
+    run_cli(project, "dvc", "repro", "plan")
+
+    # The first run of this config is killed between two checkpoints...
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "-s", "pretrain"],
+        cwd=project, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while checkpoint_step(project) < 10:
+        assert killed.poll() is None and time.monotonic() < deadline, (
+            "the run ended before it could be killed"
+        )
+        time.sleep(0.01)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert 10 <= checkpoint_step(project) < 300
+    assert not (project / "models/base").exists()  # nothing half-written where a later stage would look
+
+    # ... and `dvc repro` continues it from the last checkpoint.
+    run_cli(project, "dvc", "repro", "pretrain")
+    metrics = json.loads((project / "metrics/pretrain.json").read_text())
+    assert metrics["steps"] == 300 and metrics["resumed_from_step"] >= 10
+    assert metrics["train_loss"] < metrics["unigram_val_loss"]  # it learned more than token frequencies
+    base = project / "models/base"
+    resumed = (base / "model.safetensors").read_bytes()
+
+    # A deliberate fresh start (forced, run-cache bypassed) trains from step 0 to the same bits.
+    run_cli(project, "dvc", "repro", "-f", "-s", "--no-run-cache", "pretrain")
+    assert json.loads((project / "metrics/pretrain.json").read_text())["resumed_from_step"] == 0
+    assert (base / "model.safetensors").read_bytes() == resumed
+
+    ours = load_base(base)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(base / "hf").eval()
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(base / "hf")
+    ids = torch.tensor([tokenizer("The harbour town woke slowly")["input_ids"]])
+    with torch.no_grad():
+        assert (ours(ids)[0] - theirs(ids).logits).abs().max().item() < 1e-5
+    for name in ("loss.png", "samples.md"):
+        assert (project / "reports/pretrain" / name).stat().st_size > 0
+    assert (project / "plots/pretrain_loss.csv").read_text().count("\n") == 301
+
+
+def test_bad_pretrain_params_name_the_key() -> None:
+    with pytest.raises(ParamsError, match=r"pretrain\.warmup_steps"):
+        parse_section(PretrainParams, "pretrain", {"steps": 5, "warmup_steps": -1})
+    with pytest.raises(ParamsError, match=r"pretrain\.batch_size"):
+        parse_section(PretrainParams, "pretrain", {"batch_size": 0})
+    with pytest.raises(ParamsError, match=r"pretrain\.model\.norm"):
+        parse_section(PretrainParams, "pretrain", {"model": {"norm": "batchnorm"}})
