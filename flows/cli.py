@@ -4,10 +4,12 @@ llmpipe run [--only dedup] [--from X] [--to Y] [--force] [-S section.key=value .
 llmpipe stage NAME          # what dvc.yaml's `cmd` calls
 llmpipe status              # which stages are stale (from DVC) and their last metrics
 llmpipe plan [--flops 1e18 | --gpu h100 --gpus 8 --hours 24 --mfu 0.4] [--price 2.5] [--json]
+llmpipe export-hf CHECKPOINT OUT_DIR   # a transformers directory (GPT-2 or Llama layout)
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -56,6 +58,8 @@ def stage(name: Annotated[str, typer.Argument(help="stage to execute, e.g. inges
     except INPUT_ERRORS as err:
         errors.print(f"[red]error in stage {name}:[/red] {err}")
         raise typer.Exit(3) from None
+    if os.environ.get("RANK", "0") != "0":
+        return  # torchrun: rank 0 reports
     table = Table(title=f"{name}: metrics", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -211,6 +215,27 @@ def plan(
     for what, value in summary_rows(result):
         table.add_row(f"[red]{what}[/]" if what == "WARNING" else what, value)
     console.print(table)
+
+
+@app.command("export-hf")
+def export_hf(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="models/base or a .llmpipe/checkpoints/pretrain/step-N dir")
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="directory to write (replaced atomically)")],
+) -> None:
+    """Write a checkpoint as a transformers model directory (GPT-2 or Llama layout) with its tokenizer."""
+    root = _root()
+    from tasks.pretrain import export_hf as export
+
+    try:
+        layout = export(checkpoint, out_dir, root)
+    except INPUT_ERRORS as err:
+        errors.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(3) from None
+    console.print(
+        f"wrote {out_dir} ({layout} layout): AutoModelForCausalLM.from_pretrained({str(out_dir)!r})"
+    )
 
 
 def main() -> None:

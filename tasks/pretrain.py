@@ -20,6 +20,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,7 +126,8 @@ def device_peak_flops(device: str, root: Path) -> float | None:
     import torch
 
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return cpu_peak_flops(state_dir(root))
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))  # CPU ranks share the machine
+        return cpu_peak_flops(state_dir(root)) / ranks
     name = torch.cuda.get_device_name(torch.device(device if device != "auto" else "cuda")).lower()
     for key, accelerator in ACCELERATORS.items():
         if key.replace("-pcie", "") in name.replace(" ", "") and ("pcie" in name) == key.endswith("pcie"):
@@ -233,6 +235,8 @@ def run(params: PretrainParams, root: Path) -> dict[str, int | float]:
         eos_id=train_data.eos_id,
     )  # fmt: skip
     callbacks.stream.flush()
+    if os.environ.get("RANK", "0") != "0":
+        return {"rank": int(os.environ["RANK"]), "train_loss": result.train_loss}  # rank 0 writes the outputs
     baseline = unigram_loss(train_data, val_data) if len(val_data) else float("nan")
     _write_reports(root, result, callbacks, params.sample_prompts, baseline)
     _save_base(root, model)
@@ -264,39 +268,69 @@ def _save_base(root: Path, model: Any) -> None:
     """models/base/: model.safetensors, config.json, the tokenizer, and hf/ when transformers can load it."""
     from safetensors.torch import save_model
 
-    from model.hf import hf_layout, save_hf
+    from model.hf import hf_layout
 
     model = model.cpu()
     with atomic_dir(root / BASE_DIR) as out:
         save_model(model, str(out / "model.safetensors"))
         write_json(out / "config.json", asdict(model.config))
-        for name in TOKENIZER_FILES:
-            if (root / TOKENIZER_DIR / name).is_file():
-                shutil.copy2(root / TOKENIZER_DIR / name, out / name)
+        _copy_tokenizer(root / TOKENIZER_DIR, out)
         try:
             hf_layout(model.config)
         except ValueError:
             return  # no transformers twin for this architecture: models/base/ is llmpipe-only
-        special = _special_ids(root)
-        save_hf(model, out / "hf", special)
-        for name in TOKENIZER_FILES:
-            if (out / name).is_file():
-                shutil.copy2(out / name, out / "hf" / name)
+        _write_hf(model, root / TOKENIZER_DIR, out / "hf")
 
 
-def _special_ids(root: Path) -> dict[str, int | None]:
-    tokenizer = load_tokenizer(root / TOKENIZER_DIR)
-    return {
+def _copy_tokenizer(source: Path, destination: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, destination / name)
+
+
+def _write_hf(model: Any, tokenizer_dir: Path, out: Path) -> None:
+    """A transformers directory: config.json + model.safetensors + the tokenizer files."""
+    from model.hf import save_hf
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    special = {
         "bos_token_id": tokenizer.token_to_id("<|bos|>"),
         "eos_token_id": tokenizer.token_to_id("<|eos|>"),
         "pad_token_id": tokenizer.token_to_id("<|pad|>"),
     }
+    save_hf(model, out, special)
+    _copy_tokenizer(tokenizer_dir, out)
 
 
-def load_base(directory: Path) -> Any:
-    """The GPT saved in models/base/ (or any directory with config.json + model.safetensors)."""
+def load_checkpoint(path: Path) -> Any:
+    """The GPT in models/base/ (config.json + model.safetensors) or in a training checkpoint directory
+    (.llmpipe/checkpoints/pretrain/step-NNNNNNN: state.pt + model.safetensors)."""
     from model.gpt import GPT
+    from model.train import read_checkpoint_state
 
-    model = GPT(GPTConfig.from_dict(read_json(Path(directory) / "config.json")))
-    load_weights(model, Path(directory))
+    path = Path(path)
+    if (path / "config.json").is_file():
+        config = GPTConfig.from_dict(read_json(path / "config.json"))
+    elif (path / "state.pt").is_file():
+        config = GPTConfig.from_dict(read_checkpoint_state(path)["config"])
+    else:
+        raise FileNotFoundError(
+            f"{path}: not a checkpoint (no config.json or state.pt beside model.safetensors)"
+        )
+    model = GPT(config)
+    load_weights(model, path)
     return model.eval()
+
+
+def export_hf(checkpoint: Path, out: Path, root: Path) -> str:
+    """Write `checkpoint` as a transformers directory at `out` (atomically); returns the layout used."""
+    from model.hf import hf_layout
+
+    model = load_checkpoint(checkpoint)
+    layout = hf_layout(model.config)  # ValueError naming the mismatch when there is no twin
+    tokenizer_dir = (
+        Path(checkpoint) if (Path(checkpoint) / "tokenizer.json").is_file() else root / TOKENIZER_DIR
+    )
+    with atomic_dir(Path(out)) as tmp:
+        _write_hf(model, tokenizer_dir, tmp)
+    return layout

@@ -7,6 +7,7 @@ Parse the stage's params section → call its plain function → write `metrics/
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,14 +40,21 @@ STAGES: dict[str, Stage] = {
 }
 
 
+def is_main_process() -> bool:
+    """False in the other ranks of a torchrun launch (RANK > 0)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_stage(name: str, root: Path, track: bool = True) -> dict[str, Any]:
     """Execute stage `name` in project `root` and return its metrics."""
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     stage = STAGES[name]
     params = load_section(stage.params_class, name, root / PARAMS_FILE)
-    if not track:
+    if not track or not is_main_process():
         metrics = stage.run(params, root)
+        if not is_main_process():
+            return metrics  # under torchrun only rank 0 writes and logs
         write_json(root / METRICS_DIR / f"{name}.json", metrics)
         return metrics
     with tracking.stage_run(root, name, dataclasses.asdict(params)):

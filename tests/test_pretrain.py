@@ -15,7 +15,7 @@ import torch
 from conftest import run_cli
 
 from tasks.params import ParamsError, parse_section, set_overrides
-from tasks.pretrain import PretrainParams, load_base
+from tasks.pretrain import PretrainParams, load_checkpoint
 
 FAST = [
     "plan.context_length=32",
@@ -69,12 +69,15 @@ def test_pretrain_resumes_a_killed_run_through_dvc_and_exports(project: Path) ->
     assert json.loads((project / "metrics/pretrain.json").read_text())["resumed_from_step"] == 0
     assert (base / "model.safetensors").read_bytes() == resumed
 
-    ours = load_base(base)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(base / "hf").eval()
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(base / "hf")
-    ids = torch.tensor([tokenizer("The harbour town woke slowly")["input_ids"]])
-    with torch.no_grad():
-        assert (ours(ids)[0] - theirs(ids).logits).abs().max().item() < 1e-5
+    ours = load_checkpoint(base)
+    # the final training checkpoint exported by the CLI equals models/base/hf
+    run_cli(project, "llmpipe", "export-hf", ".llmpipe/checkpoints/pretrain/step-0000300", "exported")
+    for hf_dir in (base / "hf", project / "exported"):
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
+        ids = torch.tensor([tokenizer("The harbour town woke slowly")["input_ids"]])
+        with torch.no_grad():
+            assert (ours(ids)[0] - theirs(ids).logits).abs().max().item() < 1e-5
     for name in ("loss.png", "samples.md"):
         assert (project / "reports/pretrain" / name).stat().st_size > 0
     assert (project / "plots/pretrain_loss.csv").read_text().count("\n") == 301
