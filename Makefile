@@ -29,8 +29,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/ingest_normalize.py
-	$(BIN)/python benchmarks/dedup.py
+	-$(BIN)/python benchmarks/ingest_normalize.py
+	-$(BIN)/python benchmarks/dedup.py
+	-$(BIN)/python benchmarks/tokenizer.py
+	-$(BIN)/python benchmarks/pretrain.py
 
 clean:
 	rm -rf data reports plots metrics dvc.lock .llmpipe
