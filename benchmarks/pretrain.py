@@ -5,10 +5,10 @@
 For each config: `train()` (memory-mapped shards, seeded cursor, LR schedule, clipping, callbacks) vs
 the loop nanoGPT-style tutorials write (forward, backward, clip, AdamW step on batches already in
 memory), for the same steps on the same model and batch size, both timed after their first step (the
-trainer's final checkpoint is not in the timing). Prints ms/step, tokens/s, the ratio (≥ 1.0: the
-trainer costs nothing over the bare loop) and MFU from the fuller FLOPs count (6N + 12·L·H·Q·T) and the
-device's peak (measured matmul rate on CPU, the data-sheet bf16 peak on a known GPU). Ends with
-PASS/FAIL for the ratio target.
+trainer's final checkpoint is not in the timing); each is the median of --repeat interleaved runs.
+Prints ms/step, tokens/s, the ratio (≥ 1.0: the trainer costs nothing over the bare loop) and MFU from
+the fuller FLOPs count (6N + 12·L·H·Q·T) and the device's peak (measured matmul rate on CPU, the
+data-sheet bf16 peak on a known GPU). Ends with PASS/FAIL for the ratio target.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -119,7 +120,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeat", type=int, default=3, help="best of N, trainer and plain loop interleaved")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="median of N, trainer and plain loop interleaved"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--configs", nargs="*", default=None, help=f"subset of: {', '.join(CONFIGS)}")
@@ -156,10 +159,11 @@ def main() -> int:
             )
             scratch = Path(tmp) / name.split()[0]
             data = write_tokens(scratch, config.vocab_size)
-            ours, plain = float("inf"), float("inf")
-            for _ in range(args.repeat):
-                ours = min(ours, trainer_seconds(config, data, cfg, scratch))
-                plain = min(plain, reference_loop(config, data, cfg, device))
+            ours_runs, plain_runs = [], []
+            for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits both alike
+                plain_runs.append(reference_loop(config, data, cfg, device))
+                ours_runs.append(trainer_seconds(config, data, cfg, scratch))
+            ours, plain = statistics.median(ours_runs), statistics.median(plain_runs)
             tokens = batch * config.block_size * args.steps
             mfu = tokens / ours * train_flops_per_token(config) / peak if peak else float("nan")
             ratios.append(plain / ours)
