@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from model.config import GPTConfig  # noqa: E402
 from model.data import BatchCursor, TokenShards  # noqa: E402
-from model.flops import ACCELERATORS, measure_cpu_flops, train_flops_per_token  # noqa: E402
+from model.flops import ACCELERATORS, accelerator_for, measure_cpu_flops, train_flops_per_token  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.train import Callbacks, TrainConfig, autocast, setup_runtime, train  # noqa: E402
 
@@ -130,8 +130,8 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device).lower()
-        peak = next((a.peak_flops for k, a in ACCELERATORS.items() if k.split("-")[0] in gpu), None)
+        key = accelerator_for(torch.cuda.get_device_name(device))
+        peak = ACCELERATORS[key].peak_flops if key else None
     else:
         peak = measure_cpu_flops()
     shown_peak = f"{peak / 1e12:.3g} TFLOP/s" if peak else "unknown"

@@ -127,6 +127,16 @@ CPU = "cpu"
 ACCELERATOR_NAMES: tuple[str, ...] = (*ACCELERATORS, CPU)
 
 
+def accelerator_for(device_name: str) -> str | None:
+    """The ACCELERATORS key of a CUDA device name ("NVIDIA H100 80GB HBM3" → "h100"), or None."""
+    name = device_name.lower().replace(" ", "").replace("-", "")
+    pcie = "pcie" in name
+    for key in sorted(ACCELERATORS, key=len, reverse=True):  # "l40s" before "l4", "h100-pcie" before "h100"
+        if key.replace("-pcie", "") in name and pcie == key.endswith("-pcie"):
+            return key
+    return None
+
+
 def measure_cpu_flops(seconds: float = 0.5, size: int = 1024) -> float:
     """This machine's fp32 matmul FLOP/s with torch on all its threads (the best of a few timed repeats)."""
     import torch  # lazy: counting FLOPs needs no torch, only this measurement does

@@ -30,7 +30,7 @@ import numpy as np
 
 from model.config import GPTConfig
 from model.data import TokenShards
-from model.flops import ACCELERATORS
+from model.flops import ACCELERATORS, accelerator_for
 from model.train import Callbacks, TrainConfig, TrainResult, load_weights, train
 from tasks import tracking
 from tasks.io import atomic_dir, atomic_file, file_md5, read_json, write_json
@@ -128,11 +128,8 @@ def device_peak_flops(device: str, root: Path) -> float | None:
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         ranks = int(os.environ.get("WORLD_SIZE", "1"))  # CPU ranks share the machine
         return cpu_peak_flops(state_dir(root)) / ranks
-    name = torch.cuda.get_device_name(torch.device(device if device != "auto" else "cuda")).lower()
-    for key, accelerator in ACCELERATORS.items():
-        if key.replace("-pcie", "") in name.replace(" ", "") and ("pcie" in name) == key.endswith("pcie"):
-            return accelerator.peak_flops
-    return None  # an unknown GPU: no MFU rather than a wrong one
+    key = accelerator_for(torch.cuda.get_device_name(torch.device(device if device != "auto" else "cuda")))
+    return ACCELERATORS[key].peak_flops if key else None  # an unknown GPU: no MFU rather than a wrong one
 
 
 def unigram_loss(train_data: TokenShards, val_data: TokenShards) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -15,8 +16,17 @@ import torch.multiprocessing as mp
 
 from model.config import GPTConfig
 from model.data import TokenShards
+from model.flops import accelerator_for
 from model.gpt import GPT
-from model.train import Callbacks, TrainConfig, TrainingDiverged, latest_checkpoint, lr_at, train
+from model.train import (
+    Callbacks,
+    TrainConfig,
+    TrainingDiverged,
+    latest_checkpoint,
+    lr_at,
+    make_optimizer,
+    train,
+)
 
 CONFIG = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.1)
 
@@ -174,3 +184,32 @@ def test_two_process_gloo_ddp_matches_one_process(tokens: Path, tmp_path: Path) 
     np.testing.assert_allclose(ddp["losses"], [h["loss"] for h in result.history], rtol=1e-5)  # type: ignore[attr-defined]
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(ddp["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA L4", "l4"),
+        ("NVIDIA GeForce RTX 4090", "rtx4090"),
+        ("Tesla T4", None),
+    ],
+)
+def test_gpu_names_map_to_their_peak(name: str, key: str | None) -> None:
+    assert accelerator_for(name) == key
+
+
+def test_cuda_code_paths_run_on_cpu(tokens: Path, tmp_path: Path) -> None:
+    """What a GPU run does differently, exercised here: bf16 autocast and fused AdamW."""
+    model = fresh_model(dataclasses.replace(CONFIG, dropout=0.0))
+    assert make_optimizer(model, TrainConfig(steps=1, batch_size=1), torch.device("cuda")).defaults["fused"]
+    cfg = TrainConfig(
+        steps=3, batch_size=4, precision="bf16", eval_every=3, eval_batches=1, checkpoint_every=3
+    )
+    trained, result = run(tokens, tmp_path / "ck", cfg)
+    assert math.isfinite(result.train_loss)  # type: ignore[attr-defined]
+    assert all(p.dtype == torch.float32 for p in trained.parameters())  # master weights stay fp32
