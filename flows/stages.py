@@ -73,6 +73,16 @@ HEADLINE_METRICS = (
     "dropped",
     "exact_duplicates",
     "near_duplicates",
+    "vocab_size",
+    "train_tokens",
+    "val_tokens",
+    "params",
+    "n_layer",
+    "n_embd",
+    "steps",
+    "val_loss",
+    "unigram_val_loss",
+    "mfu",
     "seconds",
 )
 
