@@ -116,7 +116,7 @@ def to_hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
         out["model.norm.weight"] = state["norm.weight"]
         for name, tensor in state.items():
             if name.startswith("blocks."):
-                out["model.layers." + _LLAMA_NAMES.rename(name.removeprefix("blocks."))] = tensor
+                out["model.layers." + _rename(name.removeprefix("blocks."), to_llama=True)] = tensor
     if not config.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     return out
@@ -132,31 +132,22 @@ def _gpt2_norm(state: dict[str, torch.Tensor], ours: str, theirs: str) -> dict[s
     return {f"{theirs}.weight": weight, f"{theirs}.bias": state.get(f"{ours}.bias", torch.zeros_like(weight))}
 
 
-class _Renames:
-    """Per-layer name pairs between llmpipe (`attn.q_proj`) and Llama (`self_attn.q_proj`)."""
-
-    PAIRS = (
-        ("attn_norm.", "input_layernorm."),
-        ("mlp_norm.", "post_attention_layernorm."),
-        ("attn.", "self_attn."),
-    )
-
-    def rename(self, name: str) -> str:
-        layer, rest = name.split(".", 1)
-        for ours, theirs in self.PAIRS:
-            if rest.startswith(ours):
-                return f"{layer}.{theirs}{rest.removeprefix(ours)}"
-        return name
-
-    def back(self, name: str) -> str:
-        layer, rest = name.split(".", 1)
-        for ours, theirs in self.PAIRS:
-            if rest.startswith(theirs):
-                return f"{layer}.{ours}{rest.removeprefix(theirs)}"
-        return name
+#: Per-layer name pairs between llmpipe (`attn.q_proj`) and Llama (`self_attn.q_proj`).
+_LLAMA_PAIRS = (
+    ("attn_norm.", "input_layernorm."),
+    ("mlp_norm.", "post_attention_layernorm."),
+    ("attn.", "self_attn."),
+)
 
 
-_LLAMA_NAMES = _Renames()
+def _rename(name: str, to_llama: bool) -> str:
+    """`0.attn.q_proj.weight` ↔ `0.self_attn.q_proj.weight` (layer index first, prefixes stripped)."""
+    layer, rest = name.split(".", 1)
+    for ours, theirs in _LLAMA_PAIRS:
+        source, target = (ours, theirs) if to_llama else (theirs, ours)
+        if rest.startswith(source):
+            return f"{layer}.{target}{rest.removeprefix(source)}"
+    return name
 
 
 def save_hf(model: GPT, directory: Path, special_ids: dict[str, int | None] | None = None) -> None:
@@ -226,7 +217,7 @@ def load_hf(directory: Path) -> GPT:
         }
         for name, tensor in weights.items():
             if name.startswith("model.layers."):
-                state["blocks." + _LLAMA_NAMES.back(name.removeprefix("model.layers."))] = tensor
+                state["blocks." + _rename(name.removeprefix("model.layers."), to_llama=False)] = tensor
     else:
         raise ValueError(f"{directory}: model_type {kind!r} is not supported (gpt2, llama, mistral)")
     if not config.tie_embeddings:
