@@ -22,7 +22,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +61,8 @@ class PretrainParams:
     warmup_steps: int = 20
     decay_fraction: float = 0.2
     weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_batches: int = 20
@@ -75,28 +77,16 @@ class PretrainParams:
     log_model: bool = True  # copy models/base/ into the MLflow run's artifacts
 
     def train_config(self, plan: dict[str, Any]) -> TrainConfig:
+        """The loop's config: the plan's steps and batch size unless set here, every other field as set."""
         steps = self.steps if self.steps is not None else plan["training"]["steps"]
-        return TrainConfig(
-            steps=steps,
-            batch_size=self.batch_size if self.batch_size is not None else plan["training"]["batch_size"],
-            micro_batch_size=self.micro_batch_size,
-            lr=self.lr,
-            min_lr_ratio=self.min_lr_ratio,
-            schedule=self.schedule,
-            warmup_steps=min(self.warmup_steps, steps - 1),
-            decay_fraction=self.decay_fraction,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            eval_every=self.eval_every,
-            eval_batches=self.eval_batches,
-            sample_every=self.sample_every,
-            sample_tokens=self.sample_tokens,
-            checkpoint_every=self.checkpoint_every,
-            seed=self.seed,
-            device=self.device,
-            precision=self.precision,
-            compile=self.compile,
-        )
+        batch_size = self.batch_size if self.batch_size is not None else plan["training"]["batch_size"]
+        same = {
+            f.name: getattr(self, f.name)
+            for f in fields(TrainConfig)
+            if f.name not in ("steps", "batch_size")
+        }
+        same["warmup_steps"] = min(self.warmup_steps, steps - 1)  # a short run still gets its last steps
+        return TrainConfig(steps=steps, batch_size=batch_size, **same)
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "micro_batch_size"):
