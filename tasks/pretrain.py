@@ -7,8 +7,9 @@
    outputs (DVC deletes those before it reruns a stage), so `dvc repro` after a killed run resumes. The
    checkpoint carries a fingerprint of the model and training config and of the data and tokenizer md5s:
    changed params or data, or a finished run being rerun on purpose (`--force`), start from step 0.
-3. Progress streams to the active MLflow run in batches (loss, lr, grad norm, tokens/s, MFU; validation
-   loss and perplexity); the curves also go to plots/pretrain_*.csv for `dvc plots`.
+3. Progress streams to the active MLflow run in batches: curves `train/loss`, `train/lr`,
+   `train/grad_norm`, `train/tokens_per_second`, `train/mfu`, `val/loss`, `val/perplexity` (the final
+   summary metrics keep plain names); the curves also go to plots/pretrain_*.csv for `dvc plots`.
 4. models/base/: model.safetensors + config.json (GPTConfig) + the tokenizer files, and hf/ (a
    transformers directory) when the architecture has a transformers twin. reports/pretrain/: loss.png,
    samples.md. Metrics include a unigram baseline on the same validation split, in the same unit.
@@ -146,11 +147,11 @@ class StageCallbacks(Callbacks):
         self.samples: list[tuple[int, list[str]]] = []
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.stream.add(step, metrics)
+        self.stream.add(step, {f"train/{key}": value for key, value in metrics.items()})
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.val.append((step, metrics["val_loss"]))
-        self.stream.add(step, metrics)
+        self.stream.add(step, {"val/loss": metrics["val_loss"], "val/perplexity": metrics["val_perplexity"]})
 
     def on_sample(self, step: int, samples: list[list[int]]) -> None:
         self.samples.append((step, [self.decode(ids) for ids in samples]))

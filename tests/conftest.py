@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.params import set_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 _STATE = Path(os.environ.get("PYTEST_LLMPIPE_STATE", f"/tmp/llmpipe-tests-{os.getpid()}"))
 
@@ -60,6 +62,19 @@ JAPANESE = (
 )
 
 
+#: The small corpus trains in seconds: a short context and a few steps instead of the 3-minute CPU plan.
+FAST_TRAINING = [
+    "plan.context_length=32",
+    "pretrain.steps=12",
+    "pretrain.batch_size=4",
+    "pretrain.warmup_steps=2",
+    "pretrain.eval_every=6",
+    "pretrain.eval_batches=2",
+    "pretrain.checkpoint_every=6",
+    "pretrain.sample_tokens=8",
+]
+
+
 def write_small_corpus(corpus: Path) -> None:
     """A few documents in several formats, with one bad record and one binary file to quarantine."""
     (corpus / "en").mkdir(parents=True, exist_ok=True)
@@ -90,6 +105,7 @@ def make_project(destination: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)
     write_small_corpus(destination / "corpus")
+    set_overrides(destination / "params.yaml", FAST_TRAINING)
     subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
     subprocess.run(["git", "add", "-A"], cwd=destination, check=True)
     subprocess.run(["git", "commit", "-q", "-m", "test project"], cwd=destination, check=True)
