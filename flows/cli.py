@@ -179,7 +179,7 @@ def plan(
 
     from tasks.layout import state_dir
     from tasks.params import load_params_file, parse_section
-    from tasks.plan import PlanParams, cpu_peak_flops, make_plan, model_params, read_token_meta, summary_rows
+    from tasks.plan import PlanParams, make_plan, model_params, read_token_meta, summary_rows
 
     try:
         root: Path | None = project_root()
@@ -201,8 +201,7 @@ def plan(
             meta["vocab_size"] if meta else (params.get("tokenizer") or {}).get("vocab_size", 8192)
         )
         train_tokens = tokens if tokens is not None else (meta["splits"]["train"]["tokens"] if meta else None)
-        peak = cpu_peak_flops(state_dir(root) if root else None) if chosen.gpu == "cpu" else None
-        result = make_plan(chosen, model, vocab_size, train_tokens, device_peak=peak)
+        result = make_plan(chosen, model, vocab_size, train_tokens, state_dir(root) if root else None)
     except ParamsError as err:
         errors.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

@@ -188,9 +188,9 @@ def cpu_peak_flops(state: Path | None) -> float:
     return peak
 
 
-def resolve_budget(p: PlanParams, device_peak: float | None = None) -> Budget:
-    """The budget in FLOPs and in hours; `device_peak` replaces the table (or the CPU measurement)."""
-    peak = device_peak if device_peak is not None else peak_flops(p.gpu)
+def resolve_budget(p: PlanParams, state: Path | None = None) -> Budget:
+    """The budget in FLOPs and in hours, from the GPU table or this CPU's rate (remembered in `state`)."""
+    peak = cpu_peak_flops(state) if p.gpu == CPU else peak_flops(p.gpu)
     sustained = peak * p.gpus * p.mfu
     if p.flops is not None:
         return Budget(p.flops, p.gpu, p.gpus, peak, p.mfu, p.flops / sustained / 3600)
@@ -212,13 +212,11 @@ def make_plan(
     model: ModelParams,
     vocab_size: int,
     train_tokens: int | None = None,
-    device_peak: float | None = None,
+    state: Path | None = None,
 ) -> dict[str, Any]:
-    """The whole plan as a JSON-able dict (the contents of models/plan.json)."""
+    """The whole plan as a JSON-able dict (reports/plan/plan.json); `state` keeps the CPU rate."""
     p.validate()
-    if device_peak is None and p.gpu == CPU:
-        device_peak = cpu_peak_flops(None)
-    budget = resolve_budget(p, device_peak)
+    budget = resolve_budget(p, state)
     optimal = chinchilla_optimal(budget.flops)
     kaplan = kaplan_optimal(budget.flops)
 
@@ -532,9 +530,8 @@ def run(params: PlanParams, root: Path) -> dict[str, int | float]:
         raise FileNotFoundError(
             f"{root / TOKENS_DIR / 'meta.json'}: no token shards (run the tokenize stage)"
         )
-    peak = cpu_peak_flops(state_dir(root)) if params.gpu == CPU else None
     train_tokens = meta["splits"]["train"]["tokens"]
-    plan = make_plan(params, load_model_params(root), meta["vocab_size"], train_tokens, device_peak=peak)
+    plan = make_plan(params, load_model_params(root), meta["vocab_size"], train_tokens, state_dir(root))
     for warning in plan["warnings"]:
         print(f"plan: warning: {warning}")
     write_json(root / PLAN_FILE, buildable(plan))
