@@ -413,30 +413,34 @@ def train(
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
             bar.update(1)
         final = done_steps == cfg.steps
-        if val_data is not None and (done_steps % cfg.eval_every == 0 or final):
+        evaluating = val_data is not None and (done_steps % cfg.eval_every == 0 or final)
+        sampling = (
+            bool(sample_prompts)
+            and runtime.is_main
+            and ((cfg.sample_every > 0 and done_steps % cfg.sample_every == 0) or final)
+        )
+        saving = done_steps % cfg.checkpoint_every == 0 or final
+        if evaluating:
             val_loss = evaluate(model, val_data, cfg, runtime)
             if runtime.is_main:
                 callbacks.on_eval(
                     done_steps, {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
                 )
-        if (
-            sample_prompts
-            and runtime.is_main
-            and ((cfg.sample_every and done_steps % cfg.sample_every == 0) or final)
-        ):
+        if sampling:
             generator = torch.Generator().manual_seed(cfg.seed)
             samples = [
                 sample(model, prompt, cfg.sample_tokens, eos_id=eos_id, generator=generator)
-                for prompt in sample_prompts
+                for prompt in sample_prompts or []
             ]
             callbacks.on_sample(done_steps, samples)
-        if done_steps % cfg.checkpoint_every == 0 or final:
+        if saving:
             if runtime.is_main:
                 path = save_checkpoint(checkpoints, model, optimizer, done_steps, fingerprint, done=final)
                 callbacks.on_checkpoint(done_steps, path)
             if runtime.world > 1:
                 dist.barrier()
-            window_tokens, window_began = 0, time.perf_counter()  # throughput excludes evals and checkpoints
+        if evaluating or sampling or saving:  # throughput counts training steps only
+            window_tokens, window_began = 0, time.perf_counter()
     bar.close()
     seconds = time.perf_counter() - began
     tokens = (cfg.steps - start) * tokens_per_step

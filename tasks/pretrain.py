@@ -45,9 +45,15 @@ LOSS_PLOT = PLOTS_DIR / "pretrain_loss.csv"
 VAL_PLOT = PLOTS_DIR / "pretrain_val.csv"
 CHECKPOINTS = Path("checkpoints/pretrain")  # under .llmpipe/
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-#: Fields of the pretrain section that do not change the trained weights (not in the fingerprint).
-OBSERVATION_ONLY = ("eval_every", "eval_batches", "sample_every", "sample_tokens", "sample_prompts",
-                    "checkpoint_every", "log_model", "compile")  # fmt: skip
+#: TrainConfig fields that do not change the trained weights (left out of the fingerprint).
+OBSERVATION_ONLY = (
+    "eval_every",
+    "eval_batches",
+    "sample_every",
+    "sample_tokens",
+    "checkpoint_every",
+    "compile",
+)
 
 
 @dataclass

@@ -174,11 +174,9 @@ class MetricStream:
             self.flush()
 
     def flush(self) -> None:
-        if self.run_id is not None and self.pending:
+        while self.run_id is not None and self.pending:  # log_batch takes at most 1,000 metrics
             MlflowClient().log_batch(self.run_id, metrics=self.pending[:1000])
             self.pending = self.pending[1000:]
-            if self.pending:
-                self.flush()
         self.last_flush = time.monotonic()
 
 
