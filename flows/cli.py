@@ -63,8 +63,10 @@ def stage(name: Annotated[str, typer.Argument(help="stage to execute, e.g. inges
     table = Table(title=f"{name}: metrics", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        if key.startswith(("dropped_", "quarantined_")) and not value:
+    from tasks.tracking import flatten
+
+    for key, value in flatten(metrics).items():  # nested sections print as `compare.lora.val_loss`
+        if key.rsplit(".", 1)[-1].startswith(("dropped_", "quarantined_")) and not value:
             continue  # per-reason counters: show only the reasons that occurred
         table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
     console.print(table)

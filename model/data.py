@@ -24,16 +24,21 @@ import numpy as np
 
 @dataclass(frozen=True)
 class BatchCursor:
-    """Where a training run is in its batch stream: `(seed, step)` fully determines the next batch."""
+    """Where a training run is in its batch stream: `(seed, step)` fully determines the next batch.
+    `stream` gives independent draws for the same step (a mixture's choice, its second source)."""
 
     seed: int = 0
     step: int = 0
+    stream: int = 0
 
     def advance(self, steps: int = 1) -> BatchCursor:
-        return BatchCursor(self.seed, self.step + steps)
+        return BatchCursor(self.seed, self.step + steps, self.stream)
+
+    def fork(self, stream: int) -> BatchCursor:
+        return BatchCursor(self.seed, self.step, stream)
 
     def rng(self) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.step])
+        return np.random.default_rng([self.seed, self.step, *([self.stream] if self.stream else [])])
 
 
 class TokenShards:
@@ -120,3 +125,50 @@ class TokenShards:
         starts = cursor.rng().integers(0, len(self) - context, size=batch_size)
         windows = np.stack([self.tokens(int(s), context + 1) for s in starts]).astype(np.int64)
         return windows[:, :-1], windows[:, 1:]
+
+
+class MixedBatches:
+    """Each row from `primary`, or with probability `weight` from `secondary` (e.g. domain text with some
+    general text replayed to limit forgetting). Both must yield full-context rows."""
+
+    def __init__(self, primary: TokenShards, secondary: TokenShards, weight: float) -> None:
+        if not 0 <= weight <= 1:
+            raise ValueError(f"mixing weight must be in [0, 1], got {weight}")
+        self.primary, self.secondary, self.weight = primary, secondary, weight
+
+    def sample_batch(
+        self, batch_size: int, context: int, cursor: BatchCursor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from_secondary = int(cursor.fork(1).rng().binomial(batch_size, self.weight))
+        x, y = self.primary.sample_batch(batch_size - from_secondary, context, cursor)
+        if from_secondary:
+            x2, y2 = self.secondary.sample_batch(from_secondary, context, cursor.fork(2))
+            x, y = np.concatenate([x, x2]), np.concatenate([y, y2])
+        return x, y
+
+
+class ExampleBatches:
+    """Supervised examples (token ids + a 0/1 mask of the tokens to learn), one per row, right-padded to
+    the longest in the batch (at most `context`): y is the next token where the mask is 1, else -100, so
+    prompt and padding contribute no loss. Rows are drawn with replacement, deterministic in the cursor."""
+
+    def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> None:
+        if not examples:
+            raise ValueError("no examples")
+        self.examples, self.pad_id = examples, pad_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def sample_batch(
+        self, batch_size: int, context: int, cursor: BatchCursor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows = [self.examples[i] for i in cursor.rng().integers(0, len(self.examples), size=batch_size)]
+        width = min(context, max(len(ids) for ids, _ in rows) - 1)
+        x = np.full((batch_size, width), self.pad_id, np.int64)
+        y = np.full((batch_size, width), -100, np.int64)
+        for row, (ids, mask) in enumerate(rows):
+            ids, mask = ids[: width + 1], mask[: width + 1]
+            x[row, : len(ids) - 1] = ids[:-1]
+            y[row, : len(ids) - 1] = np.where(mask[1:] > 0, ids[1:], -100)
+        return x, y

@@ -6,8 +6,11 @@
 - One optimizer step consumes `batch_size` sequences of `block_size` tokens: split over `world_size`
   ranks (DDP under torchrun) and, on each rank, into micro-batches of `micro_batch_size` whose gradients
   accumulate. The global batch, and so the result, does not depend on how it is split.
-- Batches come from `TokenShards.sample_batch` with a `BatchCursor(seed, step)`: step N draws the same
-  windows whether or not the run was interrupted. The learning rate is a pure function of the step.
+- Batches come from a `Batches` source (`TokenShards` for pretraining; fine-tuning passes mixed or
+  prompt/response batches) asked with a `BatchCursor(seed, step)`: step N draws the same batch whether
+  or not the run was interrupted. The learning rate is a pure function of the step.
+- Only parameters with `requires_grad` are optimised (and checkpointed, when some are frozen): the same
+  loop trains a whole model, its last block, or a LoRA adapter.
 - A checkpoint (every `checkpoint_every` steps and at the end) holds the weights (safetensors), the
   optimizer state, the step and every RNG state (python, numpy, torch, cuda), written to a temporary
   directory and renamed into place. Restarting with the same fingerprint (the caller's hash of config
@@ -29,21 +32,30 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm
 
-from model.data import BatchCursor, TokenShards
+from model.data import BatchCursor
 from model.flops import train_flops_per_token
 from model.generate import sample
 from model.gpt import GPT
 
 CHECKPOINT_FORMAT = 1
 LATEST = "latest"
+
+
+class Batches(Protocol):
+    """Where training and validation batches come from: (x, y) int64 arrays of shape (batch, ≤ context),
+    y = the next tokens with -100 where no loss is taken; a pure function of `cursor`."""
+
+    def sample_batch(
+        self, batch_size: int, context: int, cursor: BatchCursor
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class TrainingDiverged(RuntimeError):
@@ -217,8 +229,14 @@ def save_checkpoint(
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    frozen = any(not p.requires_grad for p in model.parameters())
+    if frozen:  # fine-tuning part of a model: the rest is the caller's base weights, not saved again
+        trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "model.safetensors"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     state = {
+        "trainable_only": frozen,
         "format": CHECKPOINT_FORMAT,
         "step": step,
         "done": done,
@@ -251,9 +269,20 @@ def read_checkpoint_state(path: Path) -> dict[str, Any]:
     return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
 
 
-def load_weights(model: GPT, path: Path) -> None:
-    """Weights from a checkpoint (or any directory with model.safetensors written by save_model)."""
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+def load_weights(model: GPT, path: Path, trainable_only: bool = False) -> None:
+    """Weights from a checkpoint (or any directory with model.safetensors written by save_model); with
+    `trainable_only`, the checkpoint holds exactly the parameters that require grad."""
+    device = str(next(model.parameters()).device)
+    if not trainable_only:
+        load_model(model, str(path / "model.safetensors"), device=device)
+        return
+    tensors = load_file(str(path / "model.safetensors"), device=device)
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != expected:
+        raise ValueError(
+            f"{path}: checkpoint holds {sorted(set(tensors) ^ expected)[:5]}... unlike the model"
+        )
+    model.load_state_dict(tensors, strict=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +291,7 @@ def load_weights(model: GPT, path: Path) -> None:
 
 
 def _micro_batches(
-    data: TokenShards, cfg: TrainConfig, context: int, step: int, runtime: Runtime
+    data: Batches, cfg: TrainConfig, context: int, step: int, runtime: Runtime
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of step `step`'s global batch, in micro-batches (as int64 tensors on device)."""
     x, y = data.sample_batch(cfg.batch_size, context, BatchCursor(cfg.seed, step))
@@ -279,7 +308,7 @@ def _micro_batches(
 
 @torch.no_grad()
 def evaluate(
-    model: GPT, data: TokenShards, cfg: TrainConfig, runtime: Runtime, batches: int | None = None
+    model: GPT, data: Batches, cfg: TrainConfig, runtime: Runtime, batches: int | None = None
 ) -> float:
     """Mean loss over a fixed set of validation batches (the same ones at every evaluation)."""
     model.eval()
@@ -296,7 +325,7 @@ def evaluate(
     return total / count
 
 
-def _check_batch(cfg: TrainConfig, runtime: Runtime, data: TokenShards, context: int) -> None:
+def _check_batch(cfg: TrainConfig, runtime: Runtime) -> None:
     if cfg.batch_size % runtime.world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {runtime.world} ranks")
     per_rank = cfg.batch_size // runtime.world
@@ -304,16 +333,12 @@ def _check_batch(cfg: TrainConfig, runtime: Runtime, data: TokenShards, context:
         raise ValueError(
             f"micro_batch_size {cfg.micro_batch_size} does not divide the {per_rank} sequences per rank"
         )
-    if len(data) < context + 1:
-        raise ValueError(
-            f"the training split has {len(data)} tokens, fewer than block_size + 1 = {context + 1}"
-        )
 
 
 def train(
     model: GPT,
-    train_data: TokenShards,
-    val_data: TokenShards | None,
+    train_data: Batches,
+    val_data: Batches | None,
     cfg: TrainConfig,
     checkpoints: Path,
     fingerprint: str,
@@ -322,6 +347,7 @@ def train(
     sample_prompts: list[list[int]] | None = None,
     eos_id: int | None = None,
     progress: bool = True,
+    label: str = "pretrain",
 ) -> TrainResult:
     """Train `model` for cfg.steps optimizer steps, resuming from an unfinished checkpoint of the same
     fingerprint in `checkpoints`. `peak_flops` (per device) turns throughput into MFU."""
@@ -329,7 +355,7 @@ def train(
     callbacks = callbacks or Callbacks()
     runtime = setup_runtime(cfg.device)
     context = model.config.block_size
-    _check_batch(cfg, runtime, train_data, context)
+    _check_batch(cfg, runtime)
     model.to(runtime.device)
 
     optimizer = make_optimizer(model, cfg, runtime.device)
@@ -338,7 +364,7 @@ def train(
     if found is not None:
         state = read_checkpoint_state(found)
         if state["fingerprint"] == fingerprint and not state["done"] and state["format"] == CHECKPOINT_FORMAT:
-            load_weights(model, found)
+            load_weights(model, found, state.get("trainable_only", False))
             optimizer.load_state_dict(state["optimizer"])
             _set_rng_state(state["rng"])
             start = state["step"]
@@ -364,7 +390,7 @@ def train(
     bar = tqdm(
         total=cfg.steps,
         initial=start,
-        desc="pretrain",
+        desc=label,
         unit="step",
         disable=not (progress and runtime.is_main),
         mininterval=1.0 if sys.stderr.isatty() else 30.0,  # a log file gets a line every 30 s, not every step

@@ -18,6 +18,7 @@ PIPELINE_STAGES = (
     "tokenize",
     "plan",
     "pretrain",
+    "domain",
     "finetune",
     "evaluate",
 )
@@ -30,6 +31,8 @@ TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZER_FILE = TOKENIZER_DIR / "tokenizer.json"
 PLAN_FILE = Path("models/plan.json")
 BASE_DIR = Path("models/base")
+DOMAIN_DIR = Path("data/domain")  # the fine-tuning corpus, a sub-project with this same layout
+LORA_DIR = Path("models/lora")
 QUARANTINE_DIR = Path("data/quarantine")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")

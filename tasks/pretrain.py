@@ -57,10 +57,9 @@ OBSERVATION_ONLY = (
 
 
 @dataclass
-class PretrainParams:
-    model: ModelParams = field(default_factory=ModelParams)  # read by the plan stage, which sizes it
-    steps: int | None = None  # optimizer steps; null: the plan's
-    batch_size: int | None = None  # sequences per step; null: the plan's
+class LoopParams:
+    """The training-loop settings of every training stage (pretrain, finetune): TrainConfig's fields."""
+
     micro_batch_size: int | None = None  # per forward pass; smaller = less memory, same result
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -81,19 +80,30 @@ class PretrainParams:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
-    log_model: bool = True  # copy models/base/ into the MLflow run's artifacts
 
-    def train_config(self, plan: dict[str, Any]) -> TrainConfig:
-        """The loop's config: the plan's steps and batch size unless set here, every other field as set."""
-        steps = self.steps if self.steps is not None else plan["training"]["steps"]
-        batch_size = self.batch_size if self.batch_size is not None else plan["training"]["batch_size"]
+    def loop_config(self, steps: int, batch_size: int, **overrides: Any) -> TrainConfig:
+        """TrainConfig from these fields (and `overrides`); warmup is cut to fit a short run."""
         same = {
             f.name: getattr(self, f.name)
             for f in fields(TrainConfig)
             if f.name not in ("steps", "batch_size")
         }
         same["warmup_steps"] = min(self.warmup_steps, steps - 1)  # a short run still gets its last steps
-        return TrainConfig(steps=steps, batch_size=batch_size, **same)
+        return TrainConfig(steps=steps, batch_size=batch_size, **same | overrides)
+
+
+@dataclass
+class PretrainParams(LoopParams):
+    model: ModelParams = field(default_factory=ModelParams)  # read by the plan stage, which sizes it
+    steps: int | None = None  # optimizer steps; null: the plan's
+    batch_size: int | None = None  # sequences per step; null: the plan's
+    log_model: bool = True  # copy models/base/ into the MLflow run's artifacts
+
+    def train_config(self, plan: dict[str, Any]) -> TrainConfig:
+        """The loop's config: the plan's steps and batch size unless set here, every other field as set."""
+        steps = self.steps if self.steps is not None else plan["training"]["steps"]
+        batch_size = self.batch_size if self.batch_size is not None else plan["training"]["batch_size"]
+        return self.loop_config(steps, batch_size)
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "micro_batch_size"):
@@ -144,20 +154,27 @@ def unigram_loss(train_data: TokenShards, val_data: TokenShards) -> float:
 
 
 class StageCallbacks(Callbacks):
-    """Stream metrics to MLflow (batched) and keep the curves and samples for the reports."""
+    """Stream metrics to MLflow (batched) and keep the curves and samples for the reports. `prefix` names
+    the curves of one of several trainings in a run (`lora/train/loss`)."""
 
-    def __init__(self, decode: Any) -> None:
+    def __init__(self, decode: Any, prefix: str = "") -> None:
         self.stream = tracking.MetricStream()
-        self.decode = decode
+        self.decode, self.prefix = decode, prefix
         self.val: list[tuple[int, float]] = []
         self.samples: list[tuple[int, list[str]]] = []
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.stream.add(step, {f"train/{key}": value for key, value in metrics.items()})
+        self.stream.add(step, {f"{self.prefix}train/{key}": value for key, value in metrics.items()})
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.val.append((step, metrics["val_loss"]))
-        self.stream.add(step, {"val/loss": metrics["val_loss"], "val/perplexity": metrics["val_perplexity"]})
+        self.stream.add(
+            step,
+            {
+                f"{self.prefix}val/loss": metrics["val_loss"],
+                f"{self.prefix}val/perplexity": metrics["val_perplexity"],
+            },
+        )
 
     def on_sample(self, step: int, samples: list[list[int]]) -> None:
         self.samples.append((step, [self.decode(ids) for ids in samples]))
@@ -268,6 +285,7 @@ def _save_base(root: Path, model: Any) -> None:
     with atomic_dir(root / BASE_DIR) as out:
         save_model(model, str(out / "model.safetensors"))
         write_json(out / "config.json", asdict(model.config))
+        write_json(out / "run.json", {"mlflow_run_id": tracking.active_run_id()})  # provenance for adapters
         _copy_tokenizer(root / TOKENIZER_DIR, out)
         try:
             hf_layout(model.config)

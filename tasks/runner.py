@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tasks import dedup, ingest, normalize, plan, pretrain, tokenize, tokenizer, tracking
+from tasks import dedup, domain, finetune, ingest, normalize, plan, pretrain, tokenize, tokenizer, tracking
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, PARAMS_FILE
 from tasks.params import ParamsError, load_section, parse_section
@@ -37,6 +37,10 @@ STAGES: dict[str, Stage] = {
     "tokenize": Stage(tokenize.TokenizeParams, tokenize.run, "encode train/val splits into token shards"),
     "plan": Stage(plan.PlanParams, plan.run, "FLOPs budget → compute-optimal model shape and token budget"),
     "pretrain": Stage(pretrain.PretrainParams, pretrain.run, "train the planned GPT; resumable; HF export"),
+    "domain": Stage(domain.DomainParams, domain.run, "the fine-tuning corpus through ingest → tokenize"),
+    "finetune": Stage(
+        finetune.FinetuneParams, finetune.run, "LoRA fine-tuning (domain or SFT); full / last-layer compared"
+    ),
 }
 
 

@@ -6,7 +6,7 @@
    `max_doc_chars`), so memory is bounded by the pair counts, not the corpus.
 2. Save models/tokenizer/ atomically: tokenizer.json plus tokenizer_config.json and
    special_tokens_map.json, so `transformers.PreTrainedTokenizerFast.from_pretrained(dir)` loads it with
-   bos/eos/pad set.
+   bos/eos/pad set and the chat template of tasks/chat.py.
 3. Compare (optional): on a deterministic document-level split (hash of id + seed), train byte-level
    BPE, WordPiece, Unigram and a character baseline on the training part and measure them on the
    holdout: chars/bytes per token, unk rate, exact round-trips, training time, encoding speed
@@ -36,6 +36,7 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tasks import chat
 from tasks.io import atomic_dir, atomic_file, hash_fraction, iter_batches, write_json
 from tasks.layout import DEDUP_DIR, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR
 from tasks.params import ParamsError
@@ -260,6 +261,8 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path, p: TokenizerParams) ->
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000_000_000_019_884_624_838_656,
     }
+    if all(f"<|{role}|>" in p.special_tokens for role in chat.ROLES):
+        config["chat_template"] = chat.CHAT_TEMPLATE  # apply_chat_template renders tasks/chat.py's text
     write_json(directory / "tokenizer_config.json", config)
     write_json(directory / "special_tokens_map.json", special_map)
 

@@ -154,13 +154,28 @@ def finish_stage(root: Path, stage: str, metrics: Mapping[str, Any]) -> None:
         mlflow.log_artifact(str(plot), artifact_path="plots")
 
 
+def set_tags(tags: Mapping[str, str]) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.set_tags(tags)
+
+
+def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """Rows as an MLflow table artifact (shown in the UI's artifact view and `mlflow.load_table`)."""
+    if mlflow.active_run() is not None and rows:
+        mlflow.log_table({key: [row.get(key) for row in rows] for key in rows[0]}, artifact_file)
+
+
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
 class MetricStream:
     """Per-step metrics for the active run, sent in batches (one `log_batch` call per `every` seconds or
     1,000 values) rather than one call per step. Without an active run it only drops them."""
 
     def __init__(self, every: float = 10.0) -> None:
-        run = mlflow.active_run()
-        self.run_id = run.info.run_id if run is not None else None
+        self.run_id = active_run_id()
         self.every = every
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()

@@ -72,7 +72,18 @@ FAST_TRAINING = [
     "pretrain.eval_batches=2",
     "pretrain.checkpoint_every=6",
     "pretrain.sample_tokens=8",
+    "finetune.steps=6",
+    "finetune.batch_size=4",
+    "finetune.warmup_steps=1",
+    "finetune.eval_every=3",
+    "finetune.eval_batches=2",
+    "finetune.checkpoint_every=3",
+    "finetune.sample_tokens=8",
+    "finetune.lora.r=4",
 ]
+#: How much of the bundled fine-tuning data a test project gets (the real text, cut short).
+DOMAIN_CHARS = 60_000
+SFT_PAIRS = 80
 
 
 def write_small_corpus(corpus: Path) -> None:
@@ -85,6 +96,13 @@ def write_small_corpus(corpus: Path) -> None:
         handle.write('{"text": "an unterminated record\n')  # malformed → quarantined
     (corpus / "ja" / "sakura.txt").write_text(JAPANESE + "\n", encoding="utf-8")
     (corpus / "en" / "blob.txt").write_bytes(bytes(range(256)) * 8)  # binary → quarantined
+    glossary = gzip.open(REPO / "corpus" / "domain" / "jargon_glossary.txt.gz", "rt", encoding="utf-8").read()
+    (corpus / "domain").mkdir(exist_ok=True)
+    (corpus / "domain" / "jargon.txt").write_text(glossary[:DOMAIN_CHARS], encoding="utf-8")
+    pairs = (REPO / "corpus" / "sft" / "jargon_sft.jsonl").read_text(encoding="utf-8").splitlines()[:SFT_PAIRS]
+    bad = ['{"prompt": "no response"}', '{"prompt": "unterminated', "", '["not", "an", "object"]']
+    (corpus / "sft").mkdir(exist_ok=True)
+    (corpus / "sft" / "jargon_sft.jsonl").write_text("\n".join(pairs[:40] + bad + pairs[40:]) + "\n", encoding="utf-8")
 
 
 def _project_files() -> list[str]:
