@@ -140,11 +140,12 @@ class MixedBatches:
         self, batch_size: int, context: int, cursor: BatchCursor
     ) -> tuple[np.ndarray, np.ndarray]:
         from_secondary = int(cursor.fork(1).rng().binomial(batch_size, self.weight))
-        x, y = self.primary.sample_batch(batch_size - from_secondary, context, cursor)
+        parts = []
+        if from_secondary < batch_size:
+            parts.append(self.primary.sample_batch(batch_size - from_secondary, context, cursor))
         if from_secondary:
-            x2, y2 = self.secondary.sample_batch(from_secondary, context, cursor.fork(2))
-            x, y = np.concatenate([x, x2]), np.concatenate([y, y2])
-        return x, y
+            parts.append(self.secondary.sample_batch(from_secondary, context, cursor.fork(2)))
+        return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 class ExampleBatches:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -22,7 +23,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from tasks.io import dvc_md5, read_json
-from tasks.layout import METRICS_DIR, PLOTS_DIR, REPORTS_DIR, state_dir
+from tasks.layout import METRICS_DIR, PARAMS_FILE, PLOTS_DIR, REPORTS_DIR, state_dir
+from tasks.params import load_params_file
 
 PARENT_RUN_ENV = "LLMPIPE_PARENT_RUN_ID"
 EXPERIMENT_ENV = "LLMPIPE_EXPERIMENT"
@@ -94,12 +96,21 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def stage_io(root: Path, stage: str) -> tuple[list[str], list[str]]:
-    """The deps and outs (metrics/plots included) dvc.yaml declares for `stage`."""
+    """The deps and outs (metrics/plots included) dvc.yaml declares for `stage`, with `${section.key}`
+    resolved from params.yaml as DVC resolves it."""
     with open(root / "dvc.yaml", encoding="utf-8") as handle:
         spec = yaml.safe_load(handle)["stages"][stage]
+    params = load_params_file(root / PARAMS_FILE)
+
+    def resolve(match: re.Match[str]) -> str:
+        value: Any = params
+        for key in match.group(1).split("."):
+            value = value[key]
+        return str(value)
 
     def names(entries: list[Any]) -> list[str]:
-        return [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
+        paths = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in entries]
+        return [re.sub(r"\$\{([^}]+)\}", resolve, path) for path in paths]
 
     outs = names(spec.get("outs", [])) + names(spec.get("metrics", [])) + names(spec.get("plots", []))
     return names(spec.get("deps", [])), outs

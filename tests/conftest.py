@@ -96,13 +96,16 @@ def write_small_corpus(corpus: Path) -> None:
         handle.write('{"text": "an unterminated record\n')  # malformed → quarantined
     (corpus / "ja" / "sakura.txt").write_text(JAPANESE + "\n", encoding="utf-8")
     (corpus / "en" / "blob.txt").write_bytes(bytes(range(256)) * 8)  # binary → quarantined
-    glossary = gzip.open(REPO / "corpus" / "domain" / "jargon_glossary.txt.gz", "rt", encoding="utf-8").read()
+    # The fine-tuning data: the start of the bundled Jargon File glossary and instruction pairs.
+    with gzip.open(REPO / "corpus/domain/jargon_glossary.txt.gz", "rt", encoding="utf-8") as handle:
+        glossary = handle.read(DOMAIN_CHARS)
     (corpus / "domain").mkdir(exist_ok=True)
-    (corpus / "domain" / "jargon.txt").write_text(glossary[:DOMAIN_CHARS], encoding="utf-8")
-    pairs = (REPO / "corpus" / "sft" / "jargon_sft.jsonl").read_text(encoding="utf-8").splitlines()[:SFT_PAIRS]
+    (corpus / "domain" / "jargon.txt").write_text(glossary, encoding="utf-8")
+    pairs = (REPO / "corpus/sft/jargon_sft.jsonl").read_text(encoding="utf-8").splitlines()[:SFT_PAIRS]
     bad = ['{"prompt": "no response"}', '{"prompt": "unterminated', "", '["not", "an", "object"]']
     (corpus / "sft").mkdir(exist_ok=True)
-    (corpus / "sft" / "jargon_sft.jsonl").write_text("\n".join(pairs[:40] + bad + pairs[40:]) + "\n", encoding="utf-8")
+    lines = pairs[:40] + bad + pairs[40:]  # three bad rows to quarantine, one blank line to skip
+    (corpus / "sft" / "jargon_sft.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _project_files() -> list[str]:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import run_cli
 
+from tasks.finetune import STRATEGIES
 from tasks.params import set_overrides
 from tasks.runner import STAGES
 from tasks.tracking import numeric_metrics
@@ -50,12 +51,18 @@ PRETRAIN_CURVES = {f"train/{k}" for k in ("loss", "lr", "grad_norm", "tokens_per
 }
 
 
+#: finetune streams each strategy's curves under its name (no MFU: the FLOPs of a partly frozen model differ).
+FINETUNE_CURVES = {
+    f"{strategy}/{curve}" for strategy in STRATEGIES for curve in PRETRAIN_CURVES if curve != "train/mfu"
+}
+
+
 def assert_logged_metrics(root: Path, stage: str, run) -> None:
-    """The run's final metrics are metrics/<stage>.json; pretrain also streamed its curves."""
+    """The run's final metrics are metrics/<stage>.json; training stages also streamed their curves."""
     summary = numeric_metrics(metrics(root, stage))
     assert {key: run.data.metrics[key] for key in summary} == pytest.approx(summary)
     curves = {key for key in run.data.metrics if key not in summary}
-    assert curves == (PRETRAIN_CURVES if stage == "pretrain" else set())
+    assert curves == {"pretrain": PRETRAIN_CURVES, "finetune": FINETUNE_CURVES}.get(stage, set())
 
 
 def test_dvc_repro_builds_then_noops_then_reruns_only_what_changed(project: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,9 @@ def dvc_stages() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
-EXTRA_PARAMS = {"plan": ["pretrain.model"]}
+#: Sections a stage reads besides its own: the plan sizes pretrain's architecture; the domain corpus is
+#: cleaned and encoded with the general corpus' settings.
+EXTRA_PARAMS = {"plan": ["pretrain.model"], "domain": ["ingest", "normalize", "dedup", "tokenize"]}
 
 
 def test_every_stage_is_declared_once_with_its_own_params_and_metrics() -> None:
@@ -30,7 +31,6 @@ def test_every_stage_is_declared_once_with_its_own_params_and_metrics() -> None:
     assert list(declared) == [stage for stage in PIPELINE_STAGES if stage in STAGES]
     for name, spec in declared.items():
         assert spec["cmd"] == f"llmpipe stage {name}"
-        # its own section; the plan also reads the architecture it sizes (pretrain.model)
         assert spec["params"] == [name, *EXTRA_PARAMS.get(name, [])]
         assert f"tasks/{name}.py" in spec["deps"]
         assert [next(iter(m)) for m in spec["metrics"]] == [f"metrics/{name}.json"]
@@ -38,12 +38,13 @@ def test_every_stage_is_declared_once_with_its_own_params_and_metrics() -> None:
         load_section(STAGES[name].params_class, name, REPO / "params.yaml")  # defaults parse cleanly
 
 
-def test_each_stage_reads_what_the_previous_one_writes() -> None:
+def test_each_stage_reads_what_an_earlier_one_writes() -> None:
     declared = dvc_stages()
     names = list(declared)
-    for upstream, downstream in itertools.pairwise(names):
-        output = declared[upstream]["outs"][0]
-        assert any(dep == output or dep.startswith(f"{output}/") for dep in declared[downstream]["deps"])
+    for position, downstream in enumerate(names[1:], start=1):
+        outputs = [out for upstream in names[:position] for out in declared[upstream]["outs"]]
+        deps = declared[downstream]["deps"]
+        assert any(dep == out or dep.startswith(f"{out}/") for dep in deps for out in outputs), downstream
 
 
 def test_stage_slicing() -> None:
