@@ -80,6 +80,7 @@ FAST_TRAINING = [
     "finetune.checkpoint_every=3",
     "finetune.sample_tokens=8",
     "finetune.lora.r=4",
+    "finetune.compare=false",  # test_finetune.py compares the strategies
 ]
 #: How much of the bundled fine-tuning data a test project gets (the real text, cut short).
 DOMAIN_CHARS = 60_000

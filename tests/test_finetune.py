@@ -1,0 +1,129 @@
+"""The domain and finetune stages through DVC: the strategy comparison, the adapter that peft loads onto
+models/base/hf, its MLflow provenance, SFT with quarantined rows, and clear errors for bad params."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from model.lora import load_adapter, lora_param_count, read_settings
+from tasks.finetune import BASE_RUN_TAG, FinetuneParams
+from tasks.params import ParamsError, parse_section, set_overrides
+from tasks.pretrain import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def metrics(root: Path, stage: str) -> dict:
+    return json.loads((root / "metrics" / f"{stage}.json").read_text())
+
+
+def short_pairs(project: Path) -> Path:
+    """Instruction pairs short enough for the test model's 32-token context: the term, a few words."""
+    lines = []
+    for line in (project / "corpus/sft/jargon_sft.jsonl").read_text(encoding="utf-8").splitlines():
+        term = re.search(r'^\{"prompt": "[^“]*“(.+?)”.*"response": "((?:\S+ ){1,4})', line)
+        if term:  # the corpus' good rows (the bad ones the fixture adds do not match)
+            lines.append(json.dumps({"prompt": f"{term.group(1)}?", "response": term.group(2).strip()}))
+    lines.insert(3, '{"prompt": "no answer"}')
+    path = project / "corpus/sft/short.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_finetune_compares_strategies_and_ships_a_peft_adapter(project: Path) -> None:
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    set_overrides(project / "params.yaml", ["finetune.compare=true", "finetune.steps=12"])
+    run_cli(project, "dvc", "repro", "finetune")
+
+    domain = metrics(project, "domain")
+    assert domain["docs"] >= 2 and domain["val_tokens"] > 0 and domain["tokenize"]["val_docs"] >= 1
+    assert (project / "data/domain/data/tokens/meta.json").is_file()
+
+    result = metrics(project, "finetune")
+    compare = result["compare"]
+    assert set(compare) == {"lora", "last_layer", "full"}
+    assert compare["lora"]["val_loss"] < result["base_val_loss"]  # LoRA learned the domain
+    assert (
+        compare["lora"]["trainable_params"]
+        < compare["last_layer"]["trainable_params"]
+        < compare["full"]["trainable_params"]
+    )
+    assert compare["full"]["trainable_percent"] == 100.0
+    for row in compare.values():
+        assert row["forgetting"] == pytest.approx(
+            row["general_val_loss"] - result["base_general_val_loss"], abs=1e-4
+        )
+    table = (project / "reports/finetune/comparison.md").read_text()
+    assert all(f"| {name} |" in table for name in ("base (no fine-tuning)", "lora", "last_layer", "full"))
+    assert (project / "reports/finetune/comparison.png").stat().st_size > 0
+    assert (project / "plots/finetune_loss.csv").read_text().splitlines()[
+        0
+    ] == "step,lora_loss,last_layer_loss,full_loss"
+
+    # The adapter alone, in peft's format: peft loads it onto the HF export with llmpipe's logits.
+    lora_dir = project / "models/lora"
+    settings = read_settings(lora_dir)
+    base = load_checkpoint(project / "models/base")
+    assert (
+        result["trainable_params"] == lora_param_count(base.config, settings) == result["closed_form_params"]
+    )
+    assert result["adapter_bytes"] < 4 * result["trainable_params"] + 16_384
+    ours = load_adapter(load_checkpoint(project / "models/base"), lora_dir).eval()
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(lora_dir)
+    ids = torch.tensor([tokenizer("A hacker is someone who")["input_ids"]])
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(project / "models/base/hf")
+    theirs = peft.PeftModel.from_pretrained(hf_base, lora_dir).eval()
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)[0]).abs().max().item() < 1e-5
+        assert (ours(ids)[0] - base(ids)[0]).abs().max().item() > 1e-4  # the adapter does something
+
+    # MLflow: the adapter is an artifact of the finetune run, tagged with the pretrain run's id.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / '.llmpipe' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("llmpipe").experiment_id])
+    by_stage = {run.data.tags["llmpipe.stage"]: run for run in runs}
+    finetune_run = by_stage["finetune"]
+    assert finetune_run.data.tags[BASE_RUN_TAG] == by_stage["pretrain"].info.run_id
+    artifacts = {a.path for a in client.list_artifacts(finetune_run.info.run_id, "adapter")}
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts
+
+    # SFT on prompt/response pairs: only finetune reruns; bad rows are quarantined with their reason.
+    path = short_pairs(project)
+    set_overrides(
+        project / "params.yaml",
+        ["finetune.task=sft", f"finetune.sft_path={path.relative_to(project)}", "finetune.compare=false"],
+    )
+    rerun = run_cli(project, "dvc", "repro", "finetune")
+    assert "Running stage 'finetune'" in rerun.stdout and "Running stage 'domain'" not in rerun.stdout
+    sft = metrics(project, "finetune")
+    assert sft["task"] == "sft" and sft["train_pairs"] > 30 and set(sft["compare"]) == {"lora"}
+    assert sft["val_loss"] < sft["base_val_loss"]
+    quarantined = [
+        json.loads(line) for line in (project / "reports/finetune/quarantine.jsonl").read_text().splitlines()
+    ]
+    assert quarantined[0]["line"] == 4 and "'response' is missing" in quarantined[0]["reason"]
+    assert all("exceeds the context" in row["reason"] for row in quarantined[1:])  # a very long term
+
+    # A LoRA target that matches nothing fails before training, naming the key; the adapter stays.
+    before = (lora_dir / "adapter_model.safetensors").read_bytes()
+    set_overrides(project / "params.yaml", ["finetune.lora.targets=[q_proj, qkv]"])
+    failed = run_cli(project, "llmpipe", "stage", "finetune", check=False)
+    assert failed.returncode == 3 and "finetune.lora" in failed.stderr and "qkv" in failed.stderr
+    assert (lora_dir / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_bad_finetune_params_name_the_key() -> None:
+    with pytest.raises(ParamsError, match=r"finetune\.general_fraction"):
+        parse_section(FinetuneParams, "finetune", {"general_fraction": 1.5})
+    with pytest.raises(ParamsError, match=r"finetune\.lora\.r"):
+        parse_section(FinetuneParams, "finetune", {"lora": {"r": "eight"}})
+    with pytest.raises(ParamsError, match=r"finetune\.task"):
+        parse_section(FinetuneParams, "finetune", {"task": "rlhf"})
