@@ -14,6 +14,7 @@
   `c_attn`: the q/k/v adapters are stacked into one adapter of rank r × (how many of q, k, v are
   targeted), with B block-diagonal and alpha scaled alike, which computes the same update exactly.
   A model with no transformers twin saves llmpipe's own names (`PeftModel` on a GPT loads it).
+- peft is imported on first use: it brings transformers, seconds of import time every stage would pay.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -91,6 +91,8 @@ def lora_param_count(config: GPTConfig, settings: LoraSettings) -> int:
 
 def add_lora(model: GPT, settings: LoraSettings) -> GPT:
     """Wrap the targeted linear layers of every block with a LoRA adapter (in place); freeze the rest."""
+    from peft import LoraConfig, inject_adapter_in_model
+
     settings.validate(model.config)
     peft_config = LoraConfig(
         r=settings.r,
@@ -101,7 +103,10 @@ def add_lora(model: GPT, settings: LoraSettings) -> GPT:
     return inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
 
 
-def lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
+def lora_layers(model: torch.nn.Module) -> list[Any]:
+    """peft's LoRA-wrapped layers in `model`."""
+    from peft.tuners.lora import LoraLayer
+
     return [module for module in model.modules() if isinstance(module, LoraLayer)]
 
 
@@ -212,6 +217,8 @@ def _from_export(
 
 def _peft_config(settings: LoraSettings, layout: str, base_model: str | None) -> dict[str, object]:
     """adapter_config.json as `LoraConfig.save_pretrained` writes it, for the exported model's names."""
+    from peft import LoraConfig
+
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     if layout == "gpt2":
