@@ -122,9 +122,15 @@ class TaskData:
     quarantine: list[dict[str, Any]] = field(default_factory=list)  # rows that could not be used, why
 
 
-def domain_data(root: Path, params: FinetuneParams, tokenizer_md5: str) -> TaskData:
+def domain_data(root: Path, params: FinetuneParams, tokenizer_md5: str, context: int) -> TaskData:
     tokens = root / DOMAIN_DIR / TOKENS_DIR
     train_split, val_split = TokenShards(tokens, "train"), TokenShards(tokens, "val")
+    for split in (train_split, val_split):
+        if len(split) <= context:
+            raise ValueError(
+                f"{tokens}: the domain {split.split} split has {len(split)} tokens, fewer than the model's "
+                f"context + 1 ({context + 1}): add domain text or raise domain.val_fraction"
+            )
     if train_split.meta["tokenizer_md5"] != tokenizer_md5:
         raise ValueError(
             f"{tokens} was encoded with another tokenizer than models/base/: rerun the `domain` stage"
@@ -144,36 +150,34 @@ def sft_data(root: Path, params: FinetuneParams, tokenizer: Any, context: int, p
     splits: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "val": []}
     quarantine: list[dict[str, Any]] = []
     truncated = 0
+    system = [{"role": "system", "content": params.sft_system_prompt}] if params.sft_system_prompt else []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             reason, pair = _parse_pair(raw, params)
-            if pair is None:
-                if reason != "blank line":
-                    quarantine.append(
-                        {"line": number, "reason": reason, "raw": raw[:1000].decode("utf-8", "replace")}
-                    )
-                continue
-            messages = (
-                [{"role": "system", "content": params.sft_system_prompt}] if params.sft_system_prompt else []
-            )
-            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-            ids, mask = chat.encode(tokenizer, messages)
-            if int(np.argmax(mask)) >= context:
+            if pair is not None:
+                messages = [
+                    *system,
+                    {"role": "user", "content": pair[0]},
+                    {"role": "assistant", "content": pair[1]},
+                ]
+                ids, mask = chat.encode(tokenizer, messages)
+                if int(np.argmax(mask)) >= context:  # the first learned token lies beyond the context
+                    reason = f"the prompt alone exceeds the context ({context} tokens)"
+            if reason:
                 quarantine.append(
-                    {
-                        "line": number,
-                        "reason": f"the prompt alone exceeds the context ({context} tokens)",
-                        "raw": pair[0][:1000],
-                    }
+                    {"line": number, "reason": reason, "raw": raw[:1000].decode("utf-8", "replace")}
                 )
                 continue
+            if pair is None:
+                continue  # a blank line
             truncated += len(ids) > context + 1
             split = "val" if hash_fraction(params.seed, pair[0]) < params.sft_val_fraction else "train"
             splits[split].append((ids, mask))
     if not splits["train"] or not splits["val"]:
+        examples = "; ".join(f"line {row['line']}: {row['reason']}" for row in quarantine[:3])
         raise ValueError(
             f"{path}: {len(splits['train'])} training and {len(splits['val'])} validation pairs after "
-            f"quarantining {len(quarantine)} rows (see {REPORT_DIR / 'quarantine.jsonl'}); need both"
+            f"skipping {len(quarantine)} unusable rows{' (' + examples + ')' if examples else ''}; need both"
         )
     info = {
         "train_pairs": len(splits["train"]),
@@ -189,15 +193,15 @@ def sft_data(root: Path, params: FinetuneParams, tokenizer: Any, context: int, p
 
 
 def _parse_pair(raw: bytes, params: FinetuneParams) -> tuple[str, tuple[str, str] | None]:
-    """(reason, None) for a bad row, ("", (prompt, response)) for a good one."""
+    """(reason, None) for a bad row, ("", (prompt, response)) for a good one, ("", None) for a blank line."""
     if not raw.strip():
-        return "blank line", None
+        return "", None
     try:
         record = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
         return f"not UTF-8: {err.reason} at byte {err.start}", None
     except json.JSONDecodeError as err:
-        return f"malformed JSON: {err.msg} at column {err.colno}", None
+        return f"malformed JSON: {err.msg} (column {err.colno})", None
     if not isinstance(record, dict):
         return f"not a JSON object but {type(record).__name__}", None
     values = []
@@ -276,23 +280,24 @@ def run(params: FinetuneParams, root: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(root / BASE_DIR)
     base_md5 = file_md5(root / BASE_DIR / "model.safetensors")
     if params.task == "domain":
-        data = domain_data(root, params, file_md5(root / BASE_DIR / "tokenizer.json"))
+        data = domain_data(root, params, file_md5(root / BASE_DIR / "tokenizer.json"), base.config.block_size)
     else:
         pad_id = tokenizer.token_to_id("<|pad|>")
         pad_id = chat.special_ids(tokenizer)["eos"] if pad_id is None else pad_id
         data = sft_data(root, params, tokenizer, base.config.block_size, pad_id)
-    general_val = TokenShards(root / TOKENS_DIR, "val")
-    eos_id = chat.special_ids(tokenizer)["eos"] if params.task == "sft" else general_val.eos_id
+    general_val: TokenShards | None = TokenShards(root / TOKENS_DIR, "val")
+    eos_id = general_val.eos_id
+    if len(general_val) <= base.config.block_size:
+        general_val = None  # too little general validation text to measure forgetting: reported absent
     prompts = [_prompt_ids(tokenizer, text, params.task) for text in params.sample_prompts]
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
 
     probe = params.loop_config(params.steps, params.batch_size)
     runtime = setup_runtime(probe.device)
     base.to(runtime.device)
-    base_row = {
-        "val_loss": evaluate(base, data.val, probe, runtime),
-        "general_val_loss": evaluate(base, general_val, probe, runtime),
-    }
+    base_row = {"val_loss": evaluate(base, data.val, probe, runtime)}
+    if general_val is not None:
+        base_row["general_val_loss"] = evaluate(base, general_val, probe, runtime)
     outcomes: list[Outcome] = []
     for strategy in params.strategies():
         torch.manual_seed(params.seed)
@@ -322,9 +327,10 @@ def run(params: FinetuneParams, root: Path) -> dict[str, Any]:
             "state_mb": round(state_megabytes(model), 3),
             "seconds": round(result.seconds, 2),
             "val_loss": round(result.val_loss, 5),  # the final evaluation: the same batches as the base's
-            "general_val_loss": round(evaluate(model, general_val, cfg, runtime), 5),
         }
-        row["forgetting"] = round(row["general_val_loss"] - base_row["general_val_loss"], 5)
+        if general_val is not None:
+            row["general_val_loss"] = round(evaluate(model, general_val, cfg, runtime), 5)
+            row["forgetting"] = round(row["general_val_loss"] - base_row["general_val_loss"], 5)
         if runtime.device.type == "cuda":
             row["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(runtime.device) / 1e6, 1)
         if strategy == "lora":
@@ -347,8 +353,7 @@ def run(params: FinetuneParams, root: Path) -> dict[str, Any]:
         "task": params.task,
         **data.info,
         "steps": params.steps,
-        "base_val_loss": round(base_row["val_loss"], 5),
-        "base_general_val_loss": round(base_row["general_val_loss"], 5),
+        **{f"base_{key}": round(value, 5) for key, value in base_row.items()},
         **lora_outcome.row,
         "adapter_bytes": (root / LORA_DIR / "adapter_model.safetensors").stat().st_size,
         "compare": {outcome.strategy: outcome.row for outcome in outcomes},
@@ -400,11 +405,13 @@ def comparison_table(outcomes: list[Outcome], base_row: dict[str, float]) -> lis
             "state_mb": "",
             "seconds": "",
             "val_loss": round(base_row["val_loss"], 5),
-            "general_val_loss": round(base_row["general_val_loss"], 5),
-            "forgetting": 0.0,
+            "general_val_loss": round(base_row["general_val_loss"], 5)
+            if "general_val_loss" in base_row
+            else "",
+            "forgetting": 0.0 if "general_val_loss" in base_row else "",
         }
     ]
-    rows += [{"strategy": o.strategy} | {key: o.row[key] for key in COLUMNS[1:]} for o in outcomes]
+    rows += [{"strategy": o.strategy} | {key: o.row.get(key, "") for key in COLUMNS[1:]} for o in outcomes]
     return rows
 
 
@@ -469,12 +476,13 @@ def _write_report_files(
     right.bar(
         x - width / 2, [base_row["val_loss"], *(o.row["val_loss"] for o in outcomes)], width, label="task val"
     )
-    right.bar(
-        x + width / 2,
-        [base_row["general_val_loss"], *(o.row["general_val_loss"] for o in outcomes)],
-        width,
-        label="general val",
-    )
+    if "general_val_loss" in base_row:
+        right.bar(
+            x + width / 2,
+            [base_row["general_val_loss"], *(o.row["general_val_loss"] for o in outcomes)],
+            width,
+            label="general val",
+        )
     right.set_xticks(x, labels)
     right.set(ylabel="loss (nats/token)", title="validation loss")
     right.legend()
