@@ -427,10 +427,16 @@ def _write_reports(
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(table)
-    losses = [{int(h["step"]): h["loss"] for h in o.result.history} for o in outcomes]  # a resumed run
-    with atomic_file(root / LOSS_PLOT) as handle:  # has only the steps it ran: leave the others blank
+    # One column per strategy, blank where it has no value (not compared, or steps a resumed run skipped),
+    # so dvc.yaml's plot always finds its fields.
+    ran = {o.strategy: o for o in outcomes}
+    losses = [
+        {int(h["step"]): h["loss"] for h in ran[name].result.history} if name in ran else {}
+        for name in STRATEGIES
+    ]
+    with atomic_file(root / LOSS_PLOT) as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["step", *(f"{o.strategy}_loss" for o in outcomes)])
+        writer.writerow(["step", *(f"{name}_loss" for name in STRATEGIES)])
         for step in sorted(set().union(*losses)):
             writer.writerow(
                 [step, *(f"{by_step[step]:.5f}" if step in by_step else "" for by_step in losses)]
