@@ -1,17 +1,364 @@
-"""Text generation with the KV cache: the prompt is run once (prefill), then one token per step (decode).
+"""Text generation with the KV cache: greedy, sampling (temperature, top-k, top-p, min-p) and beam search,
+with the semantics of transformers' `generate` so results can be compared token for token.
 
-`sample` is what the trainer uses to show progress: temperature and top-k sampling with a seeded
-generator, stopping at `eos_id`. Greedy is `temperature=0`.
+    config = GenerationConfig(max_new_tokens=40, strategy="sample", temperature=0.7, top_p=0.95, seed=1)
+    result = generate(model, prompt_ids, config, decode=tokenizer.decode)   # ids, text, p per token
+    for step in stream(model, prompt_ids, config, decode=tokenizer.decode): print(step.text, end="")
+
+- The prompt runs once (prefill) and each new token costs one position (decode), through `KVCache`.
+- Logits processing follows transformers, in its order: repetition penalty (each token already in the
+  prompt or output, once: a positive logit is divided by the penalty, a negative one multiplied), banned
+  ids (−inf), then for sampling temperature → top-k → top-p → min-p. Greedy takes the argmax.
+- Beam search is transformers' (≥ 4.50) algorithm: per step the 2·num_beams best continuations by summed
+  log-probability (processors applied to the log-softmax), the best num_beams that did not end continue;
+  one that ended (EOS, or the length limit) among the top num_beams is a hypothesis scored
+  sum log p / generated_length^length_penalty (EOS counted); `early_stopping` True / False / "never".
+- Stop strings end generation at their first occurrence; the stop text is not returned, and streaming
+  holds back any text that might be the start of a stop string, so streamed and returned text agree.
+- Each chosen token's probability is the model's own (softmax of the raw logits), before processors.
+- One prompt at a time (beam search runs its beams as a batch); no orchestration imports here.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from model.gpt import GPT, KVCache
 
+Decode = Callable[[list[int]], str]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    strategy: Literal["greedy", "sample", "beam"] = "greedy"
+    temperature: float = 1.0  # sample: logits / temperature
+    top_k: int | None = None  # sample: keep the k most likely tokens
+    top_p: float | None = None  # sample: keep the smallest set whose probability reaches p
+    min_p: float | None = None  # sample: drop tokens less likely than min_p × the most likely one
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    banned_ids: tuple[int, ...] = ()  # never generated
+    eos_id: int | None = None  # generation ends after this token (included in `ids`)
+    stop: tuple[str, ...] = ()  # generation ends at the first of these strings (not returned)
+    num_beams: int = 4  # beam
+    length_penalty: float = 1.0  # beam: hypothesis score = sum log p / length ** length_penalty
+    early_stopping: bool | Literal["never"] = False  # beam: as transformers
+    seed: int | None = None  # sample: a seeded generator (None: torch's global RNG)
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.strategy == "sample" and not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 for sampling (greedy is strategy='greedy'), got {self.temperature}"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be ≥ 1 or None, got {self.top_k}")
+        for name in ("top_p", "min_p"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1] or None, got {value}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.strategy == "beam" and self.num_beams < 1:
+            raise ValueError(f"num_beams must be ≥ 1, got {self.num_beams}")
+
+
+@dataclass
+class Step:
+    """One generated token: its id, the model's probability of it, and the text it adds (streaming)."""
+
+    id: int
+    prob: float
+    logprob: float
+    text: str = ""
+
+
+@dataclass
+class Generation:
+    ids: list[int]  # new tokens (EOS included when it ended the text; only those wholly before a stop string)
+    text: str | None  # decoded new text, the stop string and what follows removed (None without `decode`)
+    steps: list[Step] = field(default_factory=list)  # per token: id, p, log p
+    finish_reason: Literal["eos", "stop", "length"] = "length"
+    score: float | None = None  # beam: the hypothesis score
+
+
+# --------------------------------------------------------------------------------------------------
+# Logits processing (each function: (vocab,) or (beams, vocab) scores in, the same shape out)
+# --------------------------------------------------------------------------------------------------
+
+
+def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: each seen token once, ÷ if positive, × if negative."""
+    if penalty == 1.0:
+        return scores
+    picked = torch.gather(scores, -1, seen)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores.scatter(-1, seen, picked)
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Everything below the k-th highest score becomes −inf (ties with it are kept)."""
+    k = min(k, scores.shape[-1])
+    cutoff = torch.topk(scores, k).values[..., -1:]
+    return scores.masked_fill(scores < cutoff, float("-inf"))
+
+
+def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the most likely tokens whose probabilities sum to at least p (at least one)."""
+    ordered, order = torch.sort(scores, descending=False)
+    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - p)
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def min_p_filter(scores: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p × the top token's probability (keep at least one)."""
+    probs = scores.softmax(dim=-1)
+    remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    order = torch.argsort(scores, dim=-1, descending=True)
+    sorted_remove = torch.gather(remove, -1, order)
+    sorted_remove[..., :1] = False
+    return scores.masked_fill(sorted_remove.scatter(-1, order, sorted_remove), float("-inf"))
+
+
+def process(scores: torch.Tensor, seen: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Repetition penalty and banned ids (greedy, sample and beam); then the sampling warpers."""
+    scores = repetition_penalty(scores, seen, config.repetition_penalty)
+    if config.banned_ids:
+        scores = scores.index_fill(-1, torch.tensor(config.banned_ids, device=scores.device), float("-inf"))
+    if config.strategy != "sample":
+        return scores
+    if config.temperature != 1.0:
+        scores = scores / config.temperature
+    if config.top_k is not None:
+        scores = top_k_filter(scores, config.top_k)
+    if config.top_p is not None and config.top_p < 1.0:
+        scores = top_p_filter(scores, config.top_p)
+    if config.min_p is not None:
+        scores = min_p_filter(scores, config.min_p)
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Greedy and sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def _room(model: GPT, prompt: Sequence[int], config: GenerationConfig) -> int:
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token (e.g. <|bos|>)")
+    room = model.config.block_size - len(prompt)
+    if room < 1:
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens; the model's context is {model.config.block_size}"
+        )
+    return min(config.max_new_tokens, room)
+
+
+class _StopText:
+    """Decodes the new tokens and finds stop strings; `release` is the text safe to stream so far."""
+
+    def __init__(self, decode: Decode | None, stop: Sequence[str]) -> None:
+        self.decode, self.stop, self.sent = decode, [s for s in stop if s], 0
+
+    def text(self, ids: list[int]) -> tuple[str, bool]:
+        """(the text up to the first stop string, whether one occurred)."""
+        text = self.decode(ids) if self.decode else ""
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def release(self, text: str, final: bool) -> str:
+        """New text to stream, holding back a tail that could still grow into a stop string."""
+        hold = 0
+        if not final:
+            hold = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+                hold = max(hold, 1)
+        ready = text[self.sent : len(text) - hold]
+        self.sent += len(ready)
+        return ready
+
+
+def stream(
+    model: GPT, prompt: Sequence[int], config: GenerationConfig, decode: Decode | None = None
+) -> Iterator[Step]:
+    """Greedy or sampled tokens one at a time; `Step.text` is the new text to print (with `decode`)."""
+    yield from _decode_loop(model, prompt, config, decode, result=None)
+
 
 @torch.no_grad()
+def _decode_loop(
+    model: GPT,
+    prompt: Sequence[int],
+    config: GenerationConfig,
+    decode: Decode | None,
+    result: Generation | None,
+) -> Iterator[Step]:
+    config.validate()
+    if config.strategy == "beam":
+        raise ValueError("beam search does not stream: call generate()")
+    budget = _room(model, prompt, config)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
+    seen = torch.tensor(list(prompt), device=device)
+    cache = KVCache()
+    logits = model(seen[None, :], cache=cache)[0][0, -1].float()
+    stopper, ids, reason = _StopText(decode, config.stop), [], "length"
+    try:
+        for _ in range(budget):
+            scores = process(logits, seen, config)
+            if config.strategy == "greedy":
+                token = int(scores.argmax())
+            else:
+                token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+            logprob = float(logits.log_softmax(-1)[token])
+            step = Step(token, math.exp(logprob), logprob)
+            ids.append(token)
+            text, stopped = stopper.text(ids)
+            ended = stopped or token == config.eos_id or len(ids) == budget
+            step.text = stopper.release(text, final=ended)
+            if result is not None:
+                result.ids, result.text = list(ids), text if decode else None
+                result.steps.append(step)
+            yield step
+            if stopped or token == config.eos_id:
+                reason = "stop" if stopped else "eos"
+                break
+            seen = torch.cat([seen, torch.tensor([token], device=device)])
+            logits = model(torch.tensor([[token]], device=device), cache=cache)[0][0, -1].float()
+    finally:
+        model.train(was_training)
+    if result is not None:
+        result.finish_reason = reason  # type: ignore[assignment]
+        if reason == "stop":  # the stop string's tokens are not part of the answer
+            result.ids, result.steps = _trim_to_text(ids, result.steps, stopper)
+
+
+def _trim_to_text(ids: list[int], steps: list[Step], stopper: _StopText) -> tuple[list[int], list[Step]]:
+    """The tokens wholly before the stop string (their text is a prefix of the returned text)."""
+    text, _ = stopper.text(ids)
+    keep = len(ids)
+    while keep > 0 and stopper.decode is not None and not text.startswith(stopper.decode(ids[:keep])):
+        keep -= 1
+    return ids[:keep], steps[:keep]
+
+
+# --------------------------------------------------------------------------------------------------
+# Beam search
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def beam_search(
+    model: GPT, prompt: Sequence[int], config: GenerationConfig, decode: Decode | None = None
+) -> Generation:
+    """transformers' beam search for one prompt; returns the best hypothesis."""
+    config.validate()
+    budget = _room(model, prompt, config)
+    beams, length_penalty = config.num_beams, config.length_penalty
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompt_len = len(prompt)
+    max_length = prompt_len + budget
+    keep = max(2, 1 + (config.eos_id is not None)) * beams  # candidates examined per step
+    top_beams = torch.arange(keep, device=device) < beams
+
+    running = torch.tensor(list(prompt), device=device).repeat(beams, 1)  # (beams, cur_len)
+    running_scores = torch.full((beams,), -1e9, device=device)
+    running_scores[0] = 0.0  # all beams start identical: only the first may expand at step 1
+    finished = torch.zeros((beams, max_length), dtype=torch.long, device=device)
+    finished_len = torch.zeros(beams, dtype=torch.long, device=device)
+    finished_scores = torch.full((beams,), -1e9, device=device)
+    is_finished = torch.zeros(beams, dtype=torch.bool, device=device)
+    improvable = True
+    cache = KVCache()
+    logits = model(running, cache=cache)[0][:, -1].float()
+    try:
+        while True:
+            cur_len = running.shape[1]
+            log_probs = process(logits.log_softmax(-1), running, config)
+            vocab = log_probs.shape[-1]
+            totals = (log_probs + running_scores[:, None]).reshape(-1)
+            top_scores, top_index = torch.topk(totals, keep)
+            source, tokens = top_index // vocab, top_index % vocab
+            candidates = torch.cat([running[source], tokens[:, None]], dim=1)
+            ended = torch.full_like(tokens, cur_len + 1 >= max_length, dtype=torch.bool)
+            if config.eos_id is not None:
+                ended |= tokens == config.eos_id
+
+            # The best num_beams candidates that did not end keep running.
+            still_running = top_scores + ended.float() * -1.0e9
+            order = torch.topk(still_running, beams).indices
+            running, running_scores, reorder = candidates[order], still_running[order], source[order]
+
+            # Candidates among the top num_beams that ended become hypotheses if they beat the worst kept
+            # (transformers' arithmetic, float32 included: rejected ones sink by 1e9 per reason).
+            accepted = ended & top_beams
+            normalised = top_scores / ((cur_len + 1 - prompt_len) ** length_penalty)
+            normalised = (
+                normalised + float(bool(is_finished.all()) and config.early_stopping is True) * -1.0e9
+            )
+            normalised = normalised + float(not improvable) * -1.0e9
+            normalised = normalised + (~accepted).float() * -1.0e9
+            merged_scores = torch.cat([finished_scores, normalised])
+            padded = torch.zeros((keep, max_length), dtype=torch.long, device=device)
+            padded[:, : cur_len + 1] = candidates
+            merged = torch.cat([finished, padded])
+            merged_len = torch.cat(
+                [finished_len, torch.full((keep,), cur_len + 1 - prompt_len, device=device)]
+            )
+            merged_flags = torch.cat([is_finished, accepted])
+            best = torch.topk(merged_scores, beams).indices
+            finished, finished_len = merged[best], merged_len[best]
+            finished_scores, is_finished = merged_scores[best], merged_flags[best]
+
+            cur_len += 1
+            horizon = (
+                max_length if config.early_stopping == "never" and length_penalty > 0 else cur_len
+            ) - prompt_len
+            worst = finished_scores.min() if bool(is_finished.all()) else torch.tensor(-1e9, device=device)
+            improvable = improvable and bool(running_scores[0] / horizon**length_penalty > worst)
+            done_early = bool(is_finished.all()) and config.early_stopping is True
+            if not improvable or done_early or bool(ended.all()):
+                break
+            cache.reorder(reorder)
+            logits = model(running[:, -1:], cache=cache)[0][:, -1].float()
+    finally:
+        model.train(was_training)
+    length = int(finished_len[0])
+    ids = finished[0, prompt_len : prompt_len + length].tolist()
+    reason = "eos" if config.eos_id is not None and ids and ids[-1] == config.eos_id else "length"
+    text = None
+    if decode is not None:
+        text, stopped = _StopText(decode, config.stop).text(ids)
+        if stopped:
+            reason = "stop"
+            ids, _ = _trim_to_text(ids, [], _StopText(decode, config.stop))
+    return Generation(ids, text, [], reason, float(finished_scores[0]))  # type: ignore[arg-type]
+
+
+def generate(
+    model: GPT, prompt: Sequence[int], config: GenerationConfig, decode: Decode | None = None
+) -> Generation:
+    """Generate from `prompt` (token ids) with `config`'s strategy; see the module docstring."""
+    if config.strategy == "beam":
+        return beam_search(model, prompt, config, decode)
+    result = Generation([], "" if decode else None)
+    for _ in _decode_loop(model, prompt, config, decode, result):
+        pass
+    return result
+
+
 def sample(
     model: GPT,
     prompt: list[int],
@@ -21,30 +368,9 @@ def sample(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """The generated token ids (prompt excluded), at most `max_new_tokens`, up to and without `eos_id`."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    room = model.config.block_size - len(prompt)
-    if room < 1:
-        prompt, room = prompt[-(model.config.block_size - 1) :], 1
-    cache = KVCache()
-    logits = model(torch.tensor([prompt], device=device), cache=cache)[0][0, -1]
-    out: list[int] = []
-    for _ in range(min(max_new_tokens, room)):
-        if temperature <= 0:
-            token = int(logits.argmax())
-        else:
-            logits = logits.float() / temperature
-            if top_k is not None and top_k < logits.numel():
-                cutoff = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < cutoff, float("-inf"))
-            token = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
-        if token == eos_id:
-            break
-        out.append(token)
-        if len(out) == min(max_new_tokens, room):
-            break
-        logits = model(torch.tensor([[token]], device=device), cache=cache)[0][0, -1]
-    model.train(was_training)
-    return out
+    """What the trainer shows as progress: sampled ids (prompt and EOS excluded), the prompt cut to fit."""
+    prompt = prompt[-(model.config.block_size - 1) :]
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
+    config = GenerationConfig(max_new_tokens, "sample", temperature, top_k, eos_id=eos_id, seed=seed)
+    ids = generate(model, prompt, config).ids
+    return ids[:-1] if ids and ids[-1] == eos_id else ids

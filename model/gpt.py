@@ -78,6 +78,11 @@ class KVCache:
         self.values[layer] = v if old_v is None else torch.cat([old_v, v], dim=2)
         return self.keys[layer], self.values[layer]  # type: ignore[return-value]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows`, in that order (beam search continues from the beams it chose)."""
+        self.keys = [None if k is None else k.index_select(0, rows) for k in self.keys]
+        self.values = [None if v is None else v.index_select(0, rows) for v in self.values]
+
 
 def attention_mask(queries: int, start: int, window: int | None, device: torch.device) -> torch.Tensor:
     """Boolean (queries, start + queries) mask, True = may attend: causal, and within `window` if set."""
