@@ -5,6 +5,7 @@ llmpipe stage NAME          # what dvc.yaml's `cmd` calls
 llmpipe status              # which stages are stale (from DVC) and their last metrics
 llmpipe plan [--flops 1e18 | --gpu h100 --gpus 8 --hours 24 --mfu 0.4] [--price 2.5] [--json]
 llmpipe export-hf CHECKPOINT OUT_DIR   # a transformers directory (GPT-2 or Llama layout)
+llmpipe generate --prompt "The movie was full of" [--strategy greedy|beam|sample] [--show-probs] ...
 """
 
 from __future__ import annotations
@@ -237,6 +238,67 @@ def export_hf(
     console.print(
         f"wrote {out_dir} ({layout} layout): AutoModelForCausalLM.from_pretrained({str(out_dir)!r})"
     )
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="the text to continue")],
+    strategy: Annotated[str, typer.Option(help="greedy | beam | sample")] = "greedy",
+    max_new_tokens: Annotated[int, typer.Option(help="at most this many new tokens")] = 48,
+    temperature: Annotated[float, typer.Option(help="sample: logits / temperature")] = 1.0,
+    top_k: Annotated[int | None, typer.Option(help="sample: keep the k most likely tokens")] = None,
+    top_p: Annotated[float | None, typer.Option(help="sample: nucleus probability mass")] = None,
+    min_p: Annotated[float | None, typer.Option(help="sample: drop tokens below min_p × the top one")] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats")] = 1.0,
+    num_beams: Annotated[int, typer.Option(help="beam: beams kept")] = 4,
+    length_penalty: Annotated[float, typer.Option(help="beam: score = sum log p / length^this")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="stop at this string (repeatable)")] = None,
+    seed: Annotated[int | None, typer.Option(help="sample: seed for reproducible draws")] = None,
+    show_probs: Annotated[bool, typer.Option(help="print each token with p and log p")] = False,
+    model: Annotated[Path, typer.Option(help="models/base or a training checkpoint dir")] = Path(
+        "models/base"
+    ),
+    adapter: Annotated[Path | None, typer.Option(help="a LoRA adapter dir, e.g. models/lora")] = None,
+) -> None:
+    """Generate from the trained model, streaming the text (beam search prints it when done)."""
+    root = _root()
+    from model.generate import GenerationConfig
+    from tasks.inference import load_generator
+
+    if strategy not in ("greedy", "beam", "sample"):
+        errors.print(f"[red]error:[/red] --strategy must be greedy, beam or sample, not {strategy!r}")
+        raise typer.Exit(2)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, top_k=top_k,  # type: ignore[arg-type]
+        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams,
+        length_penalty=length_penalty, stop=tuple(stop or ()), seed=seed,
+    )  # fmt: skip
+    try:
+        config.validate()
+        generator = load_generator(root / model, root, root / adapter if adapter else None)
+        console.print(prompt, style="bold", end="")
+        if strategy == "beam":
+            result = generator.generate(prompt, config)
+            console.print(result.text, highlight=False)
+            steps = [(token, None) for token in result.ids]
+        else:
+            steps = []
+            for step in generator.stream(prompt, config):
+                console.print(step.text, end="", highlight=False)
+                steps.append((step.id, step))
+            console.print()
+    except INPUT_ERRORS as err:
+        errors.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(3) from None
+    if show_probs:
+        table = Table(title="generated tokens")
+        for column in ("#", "token", "id", "p", "log p"):
+            table.add_column(column, justify="left" if column == "token" else "right")
+        for i, (token, step) in enumerate(steps, start=1):
+            p = f"{step.prob:.4f}" if step else "—"
+            logp = f"{step.logprob:.3f}" if step else "—"
+            table.add_row(str(i), repr(generator.token(token)), str(token), p, logp)
+        console.print(table)
 
 
 def main() -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +154,47 @@ def test_eos_ends_generation_and_bad_settings_are_refused(pair) -> None:
         generate(model, PROMPTS[0], GenerationConfig(strategy="sample", temperature=0.0))
     with pytest.raises(ValueError, match="context"):
         generate(model, list(range(1, 40)), GenerationConfig())
+
+
+def test_cli_streams_text_and_prints_the_token_table(tmp_path: Path) -> None:
+    """`llmpipe generate` on a models/base directory (a random model + a real tokenizer)."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_model
+
+    from tasks.io import write_json
+    from tasks.tokenizer import TokenizerParams, bpe_trainer, byte_level_bpe, save_tokenizer
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    base = tmp_path / "models" / "base"
+    base.mkdir(parents=True)
+    params = TokenizerParams(vocab_size=300)
+    tokenizer = byte_level_bpe(params.pattern)
+    tokenizer.train_from_iterator(["The movie was full of surprises and songs."] * 20, bpe_trainer(params))
+    save_tokenizer(tokenizer, base, params)
+    config = dataclasses.replace(LAYOUTS["llama"], vocab_size=tokenizer.get_vocab_size())
+    model = random_model(config)
+    save_model(model, str(base / "model.safetensors"))
+    write_json(base / "config.json", asdict(config))
+
+    llmpipe = str(Path(sys.executable).parent / "llmpipe")
+    run = subprocess.run(
+        [llmpipe, "generate", "--prompt", "The movie", "--max-new-tokens", "5", "--show-probs"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("The movie") and "generated tokens" in run.stdout
+    assert run.stdout.count("│") >= 5 * 6  # a row per token
+    beam = subprocess.run(
+        [llmpipe, "generate", "--prompt", "The", "--strategy", "beam", "--num-beams", "2"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert beam.returncode == 0, beam.stderr
+    bad = subprocess.run(
+        [llmpipe, "generate", "--prompt", "x", "--strategy", "nucleus"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "greedy, beam or sample" in bad.stderr
