@@ -33,6 +33,7 @@ bench: $(STAMP)
 	-$(BIN)/python benchmarks/dedup.py
 	-$(BIN)/python benchmarks/tokenizer.py
 	-$(BIN)/python benchmarks/pretrain.py
+	-$(BIN)/python benchmarks/generate.py
 
 clean:
 	rm -rf data reports plots metrics dvc.lock .llmpipe
