@@ -280,12 +280,12 @@ def generate(
         if strategy == "beam":
             result = generator.generate(prompt, config)
             console.print(result.text, highlight=False)
-            steps = [(token, None) for token in result.ids]
+            steps = result.steps
         else:
             steps = []
             for step in generator.stream(prompt, config):
                 console.print(step.text, end="", highlight=False)
-                steps.append((step.id, step))
+                steps.append(step)
             console.print()
     except INPUT_ERRORS as err:
         errors.print(f"[red]error:[/red] {err}")
@@ -294,10 +294,9 @@ def generate(
         table = Table(title="generated tokens")
         for column in ("#", "token", "id", "p", "log p"):
             table.add_column(column, justify="left" if column == "token" else "right")
-        for i, (token, step) in enumerate(steps, start=1):
-            p = f"{step.prob:.4f}" if step else "—"
-            logp = f"{step.logprob:.3f}" if step else "—"
-            table.add_row(str(i), repr(generator.token(token)), str(token), p, logp)
+        for i, step in enumerate(steps, start=1):
+            token = repr(generator.token(step.id))
+            table.add_row(str(i), token, str(step.id), f"{step.prob:.4f}", f"{step.logprob:.3f}")
         console.print(table)
 
 

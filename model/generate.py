@@ -15,7 +15,8 @@ with the semantics of transformers' `generate` so results can be compared token 
   sum log p / generated_length^length_penalty (EOS counted); `early_stopping` True / False / "never".
 - Stop strings end generation at their first occurrence; the stop text is not returned, and streaming
   holds back any text that might be the start of a stop string, so streamed and returned text agree.
-- Each chosen token's probability is the model's own (softmax of the raw logits), before processors.
+- Each chosen token's probability is the model's own (softmax of the raw logits), before processors;
+  beam search scores its final hypothesis in one forward pass to report the same.
 - One prompt at a time (beam search runs its beams as a batch); no orchestration imports here.
 """
 
@@ -333,10 +334,11 @@ def beam_search(
                 break
             cache.reorder(reorder)
             logits = model(running[:, -1:], cache=cache)[0][:, -1].float()
+        length = int(finished_len[0])
+        ids = finished[0, prompt_len : prompt_len + length].tolist()
+        steps = _scored_steps(model, prompt, ids)
     finally:
         model.train(was_training)
-    length = int(finished_len[0])
-    ids = finished[0, prompt_len : prompt_len + length].tolist()
     reason = "eos" if config.eos_id is not None and ids and ids[-1] == config.eos_id else "length"
     text = None
     if decode is not None:
@@ -344,7 +346,18 @@ def beam_search(
         if stopped:
             reason = "stop"
             ids, _ = _trim_to_text(ids, [], _StopText(decode, config.stop))
-    return Generation(ids, text, [], reason, float(finished_scores[0]))  # type: ignore[arg-type]
+    return Generation(ids, text, steps[: len(ids)], reason, float(finished_scores[0]))  # type: ignore[arg-type]
+
+
+def _scored_steps(model: GPT, prompt: Sequence[int], ids: list[int]) -> list[Step]:
+    """p and log p of each of `ids` after `prompt` under the model (one forward pass)."""
+    if not ids:
+        return []
+    device = next(model.parameters()).device
+    sequence = torch.tensor([[*prompt, *ids]], device=device)
+    log_probs = model(sequence)[0][0, len(prompt) - 1 : -1].float().log_softmax(-1)
+    chosen = log_probs.gather(-1, torch.tensor(ids, device=device)[:, None])[:, 0].tolist()
+    return [Step(token, math.exp(value), value) for token, value in zip(ids, chosen, strict=True)]
 
 
 def generate(

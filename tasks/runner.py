@@ -12,7 +12,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tasks import dedup, domain, finetune, ingest, normalize, plan, pretrain, tokenize, tokenizer, tracking
+from tasks import (
+    dedup,
+    domain,
+    evaluate,
+    finetune,
+    ingest,
+    normalize,
+    plan,
+    pretrain,
+    tokenize,
+    tokenizer,
+    tracking,
+)
 from tasks.io import write_json
 from tasks.layout import METRICS_DIR, PARAMS_FILE
 from tasks.params import ParamsError, load_section, parse_section
@@ -40,6 +52,9 @@ STAGES: dict[str, Stage] = {
     "domain": Stage(domain.DomainParams, domain.run, "the fine-tuning corpus through ingest → tokenize"),
     "finetune": Stage(
         finetune.FinetuneParams, finetune.run, "LoRA fine-tuning (domain or SFT); full / last-layer compared"
+    ),
+    "evaluate": Stage(
+        evaluate.EvaluateParams, evaluate.run, "perplexity + bits per byte vs n-gram baselines; generations"
     ),
 }
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tasks import chat
@@ -404,6 +405,16 @@ def compare_families(
             examples[family] = [_display_tokens(tok, s) for s in EXAMPLE_SENTENCES]
         rows.append({"family": family, "vocab_size": vocab, **metrics, "train_seconds": seconds})
     return rows, examples
+
+
+def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each id stands for (byte-level BPE: one symbol per byte); special tokens count 0."""
+    symbols = _byte_decoder()
+    special = {added.content for added in tokenizer.get_added_tokens_decoder().values() if added.special}
+    lengths = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), np.int64)
+    for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
+        lengths[index] = 0 if token in special else sum(ch in symbols for ch in token)
+    return lengths
 
 
 def _byte_decoder() -> dict[str, int]:

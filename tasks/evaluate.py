@@ -1,0 +1,261 @@
+"""Stage `evaluate`: how good the model is, on one scale, and what it writes.
+
+1. Perplexity and bits per byte on the validation split (data/tokens val), scored with strided sliding
+   windows (model/perplexity.py); bits per byte is tokenizer-independent (special tokens count 0 bytes).
+2. Unigram, bigram and trigram baselines with add-k smoothing (model/ngram.py), trained on the training
+   split and scored on exactly the same tokens, in bits per byte.
+3. With a LoRA adapter (models/lora) and the domain corpus (data/domain), the domain validation split
+   scored by the base model and by base + adapter.
+4. A generation report: each prompt in params × greedy, beam 4, temperatures 0.1/0.5/0.7/1.0, top-k 50,
+   top-p 0.95 and repetition penalty 1.2 → the text, mean token probability, distinct-1/-2, repetition
+   rate and length; and a per-token table (token, p, log p) of greedy decoding for the first prompt.
+5. Pictures: bits per byte against the baselines, one attention head's weights on a prompt, and the
+   attention mask pattern (causal, and with the model's sliding window when it has one).
+Outputs: reports/evaluate/ (summary.md, generations.md, greedy_tokens.csv, *.png), plots/evaluate_bpb.csv,
+metrics/evaluate.json; the generation table also goes to MLflow as a table artifact.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.generate import GenerationConfig
+from model.ngram import NgramModel
+from model.perplexity import strided_nll
+from tasks import tracking
+from tasks.inference import Generator, load_generator
+from tasks.io import atomic_dir, atomic_file
+from tasks.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR
+from tasks.params import ParamsError
+from tasks.tokenizer import token_bytes
+
+REPORT_DIR = REPORTS_DIR / "evaluate"
+BPB_PLOT = PLOTS_DIR / "evaluate_bpb.csv"
+#: The decoding strategies of the generation report: (name, settings).
+STRATEGIES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("greedy", {"strategy": "greedy"}),
+    ("beam 4", {"strategy": "beam", "num_beams": 4}),
+    ("temperature 0.1", {"strategy": "sample", "temperature": 0.1}),
+    ("temperature 0.5", {"strategy": "sample", "temperature": 0.5}),
+    ("temperature 0.7", {"strategy": "sample", "temperature": 0.7}),
+    ("temperature 1.0", {"strategy": "sample", "temperature": 1.0}),
+    ("top-k 50", {"strategy": "sample", "top_k": 50}),
+    ("top-p 0.95", {"strategy": "sample", "top_p": 0.95}),
+    ("repetition penalty 1.2", {"strategy": "greedy", "repetition_penalty": 1.2}),
+)
+
+
+@dataclass
+class EvaluateParams:
+    stride: int | None = None  # sliding-window stride in tokens; null: half the context
+    max_tokens: int = 200_000  # score at most this many validation tokens (the start of the split)
+    ngram_k: float = 0.01  # add-k smoothing of the n-gram baselines
+    prompts: list[str] = field(
+        default_factory=lambda: ["The movie was full of", "ROMEO.", "In the beginning"]
+    )
+    max_new_tokens: int = 32
+    seed: int = 0  # the sampled strategies' seed
+    attention_prompt: str = "In the beginning God created the heaven and the earth."
+    attention_layer: int = -1  # which layer's attention to draw (-1: the last)
+    attention_head: int = 0
+
+    def validate(self) -> None:
+        if self.stride is not None and self.stride < 1:
+            raise ParamsError(f"params.yaml: evaluate.stride must be ≥ 1 or null, got {self.stride}")
+        if self.max_tokens < 2 or self.max_new_tokens < 1 or self.ngram_k <= 0:
+            raise ParamsError(
+                "params.yaml: evaluate.max_tokens ≥ 2, max_new_tokens ≥ 1 and ngram_k > 0 needed"
+            )
+        if not self.prompts:
+            raise ParamsError("params.yaml: evaluate.prompts is empty")
+
+
+def _split_tokens(directory: Path, split: str, limit: int) -> np.ndarray:
+    from model.data import TokenShards
+
+    shards = TokenShards(directory, split)
+    return shards.tokens(0, min(len(shards), limit)).astype(np.int64)
+
+
+def score(
+    generator: Generator, tokens: np.ndarray, stride: int | None, sizes: np.ndarray
+) -> dict[str, float]:
+    """Loss (nats/token), perplexity and bits per byte of the model on `tokens`."""
+    scored = strided_nll(generator.model, tokens, stride)
+    return {
+        "loss": round(scored.mean, 5),
+        "perplexity": round(math.exp(min(scored.mean, 50)), 3),
+        "bpb": round(scored.bits_per_byte(sizes, tokens), 5),
+        "scored_tokens": len(scored.index),
+        "_index": scored.index,  # type: ignore[dict-item]
+    }
+
+
+def distinct(ids: list[int], n: int) -> float:
+    """Share of the text's n-grams that are different (1.0: no n-gram repeats)."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return round(len(set(grams)) / len(grams), 4) if grams else 0.0
+
+
+def generation_rows(generator: Generator, params: EvaluateParams) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The report's rows (prompt × strategy) and the greedy steps of the first prompt."""
+    rows, greedy_steps = [], []
+    for prompt in params.prompts:
+        for name, settings in STRATEGIES:
+            config = GenerationConfig(max_new_tokens=params.max_new_tokens, seed=params.seed, **settings)
+            result = generator.generate(prompt, config)
+            probs = [step.prob for step in result.steps]
+            if name == "greedy" and prompt == params.prompts[0]:
+                greedy_steps = result.steps
+            ids = [i for i in result.ids if i != generator.eos_id]
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "strategy": name,
+                    "text": result.text,
+                    "mean_token_p": round(float(np.mean(probs)), 4) if probs else None,
+                    "distinct_1": distinct(ids, 1),
+                    "distinct_2": distinct(ids, 2),
+                    "repetition_rate": round(1 - distinct(ids, 1), 4) if ids else 0.0,
+                    "tokens": len(result.ids),
+                }
+            )
+    return rows, greedy_steps
+
+
+def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
+    params.validate()
+    root = Path(root)
+    generator = load_generator(root / BASE_DIR, root)
+    sizes = token_bytes(generator.tokenizer)
+    val = _split_tokens(root / TOKENS_DIR, "val", params.max_tokens)
+    if len(val) < 2:
+        raise ValueError(f"{root / TOKENS_DIR}: the validation split has {len(val)} tokens; nothing to score")
+    model_score = score(generator, val, params.stride, sizes)
+    index = model_score.pop("_index")
+    train = _split_tokens(root / TOKENS_DIR, "train", 1 << 62)
+    eos = generator.eos_id or 0
+    baselines = {}
+    for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
+        log_p = NgramModel(train, n, len(sizes), params.ngram_k, boundary=eos).log_prob(val, index)
+        baselines[name] = round(float(-log_p.sum() / math.log(2) / sizes[val[index]].sum()), 5)
+    metrics: dict[str, Any] = {
+        "val_loss": model_score["loss"],
+        "val_perplexity": model_score["perplexity"],
+        "val_bpb": model_score["bpb"],
+        "scored_tokens": model_score["scored_tokens"],
+        **{f"{name}_bpb": value for name, value in baselines.items()},
+    }
+    domain_tokens = root / DOMAIN_DIR / TOKENS_DIR
+    if (root / LORA_DIR / "adapter_config.json").is_file() and (domain_tokens / "meta.json").is_file():
+        domain = _split_tokens(domain_tokens, "val", params.max_tokens)
+        adapted = load_generator(root / BASE_DIR, root, adapter=root / LORA_DIR)
+        metrics["domain_bpb_base"] = score(generator, domain, params.stride, sizes)["bpb"]
+        metrics["domain_bpb_lora"] = score(adapted, domain, params.stride, sizes)["bpb"]
+
+    rows, greedy_steps = generation_rows(generator, params)
+    tracking.log_table(rows, "generations.json")
+    with atomic_file(root / BPB_PLOT) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["model", "bpb"])
+        writer.writerows([["gpt", metrics["val_bpb"]], *baselines.items()])
+    with atomic_dir(root / REPORT_DIR) as out:
+        _write_reports(out, generator, params, metrics, rows, greedy_steps)
+    return metrics
+
+
+def _write_reports(
+    out: Path,
+    generator: Generator,
+    params: EvaluateParams,
+    metrics: dict[str, Any],
+    rows: list[dict[str, Any]],
+    greedy_steps: list[Any],
+) -> None:
+    from matplotlib.figure import Figure
+
+    from model.gpt import attention_mask
+
+    lines = ["# Evaluation", "", "| model | bits per byte |", "|---|---|"]
+    lines += [f"| {name} | {metrics[f'{name}_bpb']} |" for name in ("val", "unigram", "bigram", "trigram")]
+    lines += ["", f"val loss {metrics['val_loss']} nats/token, perplexity {metrics['val_perplexity']}, "
+              f"{metrics['scored_tokens']:,} tokens scored."]  # fmt: skip
+    if "domain_bpb_lora" in metrics:
+        lines += [
+            "",
+            f"Domain validation: base {metrics['domain_bpb_base']} bpb, "
+            f"with the LoRA adapter {metrics['domain_bpb_lora']}.",
+        ]
+    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    columns = [
+        "prompt",
+        "strategy",
+        "mean_token_p",
+        "distinct_1",
+        "distinct_2",
+        "repetition_rate",
+        "tokens",
+        "text",
+    ]
+    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [str(row[c]).replace("|", "\\|").replace("\n", "⏎") for c in columns]
+        table.append("| " + " | ".join(cells) + " |")
+    (out / "generations.md").write_text("# Generations\n\n" + "\n".join(table) + "\n", encoding="utf-8")
+    with open(out / "greedy_tokens.csv", "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["position", "token", "id", "p", "log_p"])
+        for i, step in enumerate(greedy_steps, start=1):
+            writer.writerow([i, generator.token(step.id), step.id, f"{step.prob:.5f}", f"{step.logprob:.4f}"])
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    names = ["gpt", "unigram", "bigram", "trigram"]
+    values = [metrics["val_bpb"], metrics["unigram_bpb"], metrics["bigram_bpb"], metrics["trigram_bpb"]]
+    ax.bar(names, values, color=["tab:blue", "tab:grey", "tab:grey", "tab:grey"])
+    ax.set(ylabel="bits per byte (lower is better)", title="validation bits per byte")
+    fig.tight_layout()
+    fig.savefig(out / "bpb.png", dpi=100)
+
+    import torch
+
+    model = generator.model
+    ids = generator.encode(params.attention_prompt)[: model.config.block_size]
+    with torch.no_grad():
+        weights = model(torch.tensor([ids]), return_attention=True)[2][params.attention_layer][
+            0, params.attention_head
+        ]
+    labels = [generator.token(i) for i in ids]
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    image = ax.imshow(weights.numpy(), cmap="viridis")
+    ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(ids)), labels, fontsize=7)
+    layer = params.attention_layer % model.config.n_layer
+    ax.set(title=f"attention, layer {layer}, head {params.attention_head}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "attention.png", dpi=100)
+
+    size = 16
+    window = model.config.sliding_window or size // 4
+    fig = Figure(figsize=(8, 4))
+    for ax, (title, mask) in zip(
+        fig.subplots(1, 2),
+        (("causal", attention_mask(size, 0, None, torch.device("cpu"))),
+         (f"sliding window {window}", attention_mask(size, 0, window, torch.device("cpu")))),
+        strict=True,
+    ):  # fmt: skip
+        ax.imshow(mask.numpy(), cmap="Greys")
+        ax.set(
+            title=f"{title} mask (row: query, column: key)", xlabel="key position", ylabel="query position"
+        )
+    fig.tight_layout()
+    fig.savefig(out / "masks.png", dpi=100)
