@@ -106,10 +106,12 @@ def distinct(ids: list[int], n: int) -> float:
 def generation_rows(generator: Generator, params: EvaluateParams) -> tuple[list[dict[str, Any]], list[Any]]:
     """The report's rows (prompt × strategy) and the greedy steps of the first prompt."""
     rows, greedy_steps = [], []
+    keep = generator.model.config.block_size // 2  # a long prompt keeps its end: room is left to write
     for prompt in params.prompts:
+        prompt_ids = generator.encode(prompt)[-keep:]
         for name, settings in STRATEGIES:
             config = GenerationConfig(max_new_tokens=params.max_new_tokens, seed=params.seed, **settings)
-            result = generator.generate(prompt, config)
+            result = generator.generate(prompt_ids, config)
             probs = [step.prob for step in result.steps]
             if name == "greedy" and prompt == params.prompts[0]:
                 greedy_steps = result.steps

@@ -4,6 +4,7 @@ models/base/hf, its MLflow provenance, SFT with quarantined rows, and clear erro
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -94,6 +95,31 @@ def test_finetune_compares_strategies_and_ships_a_peft_adapter(project: Path) ->
     assert finetune_run.data.tags[BASE_RUN_TAG] == by_stage["pretrain"].info.run_id
     artifacts = {a.path for a in client.list_artifacts(finetune_run.info.run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts
+
+    # evaluate: bits per byte of the model and the n-gram baselines on the same tokens, LoRA vs base on
+    # the domain split, and the generation report over every strategy.
+    run_cli(project, "dvc", "repro", "evaluate")
+    evaluation = metrics(project, "evaluate")
+    for name in ("val", "unigram", "bigram", "trigram", "domain_bpb_base", "domain_bpb_lora"):
+        value = evaluation[name if name.startswith("domain") else f"{name}_bpb"]
+        assert 0 < value < 20
+    assert evaluation["domain_bpb_lora"] < evaluation["domain_bpb_base"]  # the adapter learned the domain
+    assert evaluation["val_perplexity"] == pytest.approx(math.exp(evaluation["val_loss"]), rel=1e-3)
+    generations = (project / "reports/evaluate/generations.md").read_text()
+    for strategy in (
+        "greedy",
+        "beam 4",
+        "temperature 0.1",
+        "top-k 50",
+        "top-p 0.95",
+        "repetition penalty 1.2",
+    ):
+        assert f"| {strategy} |" in generations
+    for picture in ("bpb.png", "attention.png", "masks.png"):
+        assert (project / "reports/evaluate" / picture).stat().st_size > 0
+    assert (
+        (project / "reports/evaluate/greedy_tokens.csv").read_text().startswith("position,token,id,p,log_p")
+    )
 
     # SFT on prompt/response pairs: only finetune reruns; bad rows are quarantined with their reason.
     path = short_pairs(project)
