@@ -37,6 +37,7 @@ from tasks.tokenizer import token_bytes
 
 REPORT_DIR = REPORTS_DIR / "evaluate"
 BPB_PLOT = PLOTS_DIR / "evaluate_bpb.csv"
+BPB_ROWS = (("gpt", "val"), ("unigram", "unigram"), ("bigram", "bigram"), ("trigram", "trigram"))
 #: The decoding strategies of the generation report: (name, settings).
 STRATEGIES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("greedy", {"strategy": "greedy"}),
@@ -131,44 +132,54 @@ def generation_rows(generator: Generator, params: EvaluateParams) -> tuple[list[
     return rows, greedy_steps
 
 
-def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
-    params.validate()
-    root = Path(root)
-    generator = load_generator(root / BASE_DIR, root)
-    sizes = token_bytes(generator.tokenizer)
+def validation_metrics(
+    generator: Generator, root: Path, params: EvaluateParams, sizes: np.ndarray
+) -> dict[str, Any]:
+    """The model and the n-gram baselines on the validation split ({} when it has under 2 tokens)."""
     val = _split_tokens(root / TOKENS_DIR, "val", params.max_tokens)
     if len(val) < 2:
-        raise ValueError(f"{root / TOKENS_DIR}: the validation split has {len(val)} tokens; nothing to score")
+        return {}
     model_score = score(generator, val, params.stride, sizes)
     index = model_score.pop("_index")
     train = _split_tokens(root / TOKENS_DIR, "train", 1 << 62)
-    eos = generator.eos_id or 0
-    baselines = {}
-    for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
-        log_p = NgramModel(train, n, len(sizes), params.ngram_k, boundary=eos).log_prob(val, index)
-        baselines[name] = round(float(-log_p.sum() / math.log(2) / sizes[val[index]].sum()), 5)
     metrics: dict[str, Any] = {
         "val_loss": model_score["loss"],
         "val_perplexity": model_score["perplexity"],
         "val_bpb": model_score["bpb"],
         "scored_tokens": model_score["scored_tokens"],
-        **{f"{name}_bpb": value for name, value in baselines.items()},
     }
+    for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
+        baseline = NgramModel(train, n, len(sizes), params.ngram_k, boundary=generator.eos_id or 0)
+        log_p = baseline.log_prob(val, index)
+        metrics[f"{name}_bpb"] = round(float(-log_p.sum() / math.log(2) / sizes[val[index]].sum()), 5)
+    return metrics
+
+
+def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
+    """Read models/base (+ models/lora, data/domain) and data/tokens; write reports/evaluate and plots."""
+    params.validate()
+    root = Path(root)
+    generator = load_generator(root / BASE_DIR, root)
+    sizes = token_bytes(generator.tokenizer)
+    metrics = validation_metrics(generator, root, params, sizes)  # empty: no validation text to score
     domain_tokens = root / DOMAIN_DIR / TOKENS_DIR
     if (root / LORA_DIR / "adapter_config.json").is_file() and (domain_tokens / "meta.json").is_file():
         domain = _split_tokens(domain_tokens, "val", params.max_tokens)
-        adapted = load_generator(root / BASE_DIR, root, adapter=root / LORA_DIR)
-        metrics["domain_bpb_base"] = score(generator, domain, params.stride, sizes)["bpb"]
-        metrics["domain_bpb_lora"] = score(adapted, domain, params.stride, sizes)["bpb"]
+        if len(domain) >= 2:
+            adapted = load_generator(root / BASE_DIR, root, adapter=root / LORA_DIR)
+            metrics["domain_bpb_base"] = score(generator, domain, params.stride, sizes)["bpb"]
+            metrics["domain_bpb_lora"] = score(adapted, domain, params.stride, sizes)["bpb"]
 
     rows, greedy_steps = generation_rows(generator, params)
+    metrics["generations"] = len(rows)
     tracking.log_table(rows, "generations.json")
+    bpb = {name: metrics[f"{key}_bpb"] for name, key in BPB_ROWS if f"{key}_bpb" in metrics}
     with atomic_file(root / BPB_PLOT) as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["model", "bpb"])
-        writer.writerows([["gpt", metrics["val_bpb"]], *baselines.items()])
+        writer.writerows(bpb.items())
     with atomic_dir(root / REPORT_DIR) as out:
-        _write_reports(out, generator, params, metrics, rows, greedy_steps)
+        _write_reports(out, generator, params, metrics, bpb, rows, greedy_steps)
     return metrics
 
 
@@ -177,6 +188,7 @@ def _write_reports(
     generator: Generator,
     params: EvaluateParams,
     metrics: dict[str, Any],
+    bpb: dict[str, float],
     rows: list[dict[str, Any]],
     greedy_steps: list[Any],
 ) -> None:
@@ -184,10 +196,17 @@ def _write_reports(
 
     from model.gpt import attention_mask
 
-    lines = ["# Evaluation", "", "| model | bits per byte |", "|---|---|"]
-    lines += [f"| {name} | {metrics[f'{name}_bpb']} |" for name in ("val", "unigram", "bigram", "trigram")]
-    lines += ["", f"val loss {metrics['val_loss']} nats/token, perplexity {metrics['val_perplexity']}, "
-              f"{metrics['scored_tokens']:,} tokens scored."]  # fmt: skip
+    lines = ["# Evaluation", ""]
+    if bpb:
+        lines += [
+            "| model | bits per byte |",
+            "|---|---|",
+            *(f"| {name} | {value} |" for name, value in bpb.items()),
+        ]
+        lines += ["", f"val loss {metrics['val_loss']} nats/token, perplexity {metrics['val_perplexity']}, "
+                  f"{metrics['scored_tokens']:,} tokens scored."]  # fmt: skip
+    else:
+        lines.append("The validation split is empty: nothing was scored (see tokenize.val_fraction).")
     if "domain_bpb_lora" in metrics:
         lines += [
             "",
@@ -217,14 +236,15 @@ def _write_reports(
         for i, step in enumerate(greedy_steps, start=1):
             writer.writerow([i, generator.token(step.id), step.id, f"{step.prob:.5f}", f"{step.logprob:.4f}"])
 
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.subplots()
-    names = ["gpt", "unigram", "bigram", "trigram"]
-    values = [metrics["val_bpb"], metrics["unigram_bpb"], metrics["bigram_bpb"], metrics["trigram_bpb"]]
-    ax.bar(names, values, color=["tab:blue", "tab:grey", "tab:grey", "tab:grey"])
-    ax.set(ylabel="bits per byte (lower is better)", title="validation bits per byte")
-    fig.tight_layout()
-    fig.savefig(out / "bpb.png", dpi=100)
+    if bpb:
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
+        ax.bar(
+            list(bpb), list(bpb.values()), color=["tab:blue", "tab:grey", "tab:grey", "tab:grey"][: len(bpb)]
+        )
+        ax.set(ylabel="bits per byte (lower is better)", title="validation bits per byte")
+        fig.tight_layout()
+        fig.savefig(out / "bpb.png", dpi=100)
 
     import torch
 
