@@ -116,7 +116,7 @@ def to_hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
         out["model.norm.weight"] = state["norm.weight"]
         for name, tensor in state.items():
             if name.startswith("blocks."):
-                out["model.layers." + _rename(name.removeprefix("blocks."), to_llama=True)] = tensor
+                out["model.layers." + rename_layer_key(name.removeprefix("blocks."), to_llama=True)] = tensor
     if not config.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     return out
@@ -140,7 +140,7 @@ _LLAMA_PAIRS = (
 )
 
 
-def _rename(name: str, to_llama: bool) -> str:
+def rename_layer_key(name: str, to_llama: bool) -> str:
     """`0.attn.q_proj.weight` ↔ `0.self_attn.q_proj.weight` (layer index first, prefixes stripped)."""
     layer, rest = name.split(".", 1)
     for ours, theirs in _LLAMA_PAIRS:
@@ -217,7 +217,9 @@ def load_hf(directory: Path) -> GPT:
         }
         for name, tensor in weights.items():
             if name.startswith("model.layers."):
-                state["blocks." + _rename(name.removeprefix("model.layers."), to_llama=False)] = tensor
+                state["blocks." + rename_layer_key(name.removeprefix("model.layers."), to_llama=False)] = (
+                    tensor
+                )
     else:
         raise ValueError(f"{directory}: model_type {kind!r} is not supported (gpt2, llama, mistral)")
     if not config.tie_embeddings:

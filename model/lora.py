@@ -30,14 +30,14 @@ from safetensors.torch import load_file, save_file
 
 from model.config import GPTConfig
 from model.gpt import GPT
-from model.hf import hf_layout
+from model.hf import hf_layout, rename_layer_key
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER = "default"  # peft's adapter name inside the model
 #: The linear layers of a block that LoRA can target (gate_proj exists with mlp: swiglu only).
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn"}  # others: "mlp"
+QKV = ("q_proj", "k_proj", "v_proj")
 _GPT2_NAMES = {"o_proj": "attn.c_proj", "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj"}
 
 
@@ -64,6 +64,11 @@ class LoraSettings:
             )
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"LoRA targets {list(self.targets)} name a layer twice")
+
+
+def module_name(target: str) -> str:
+    """A target's module inside a block: `attn.q_proj`, `mlp.up_proj`."""
+    return f"{'attn' if target in (*QKV, 'o_proj') else 'mlp'}.{target}"
 
 
 def available(config: GPTConfig) -> tuple[str, ...]:
@@ -98,7 +103,7 @@ def add_lora(model: GPT, settings: LoraSettings) -> GPT:
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=[f"{_PARENT.get(t, 'mlp')}.{t}" for t in settings.targets],
+        target_modules=[module_name(t) for t in settings.targets],
     )
     return inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
 
@@ -143,39 +148,45 @@ def _export_layout(config: GPTConfig) -> str:
         return "llmpipe"
 
 
+def _gpt2_pairs(settings: LoraSettings, layer: int) -> list[tuple[str, str]]:
+    """(llmpipe name, export name) of the unfused GPT-2 adapter matrices of one layer."""
+    ours, theirs = f"blocks.{layer}", f"base_model.model.transformer.h.{layer}"
+    return [
+        (f"{ours}.{module_name(target)}.{part}.weight", f"{theirs}.{name}.{part}.weight")
+        for target, name in _GPT2_NAMES.items()
+        if target in settings.targets
+        for part in ("lora_A", "lora_B")
+    ]
+
+
 def _to_export(
     tensors: dict[str, torch.Tensor], settings: LoraSettings, layout: str
 ) -> dict[str, torch.Tensor]:
     """llmpipe adapter names → the names peft expects on the exported model (with PeftModel's prefix)."""
-    out: dict[str, torch.Tensor] = {}
     if layout == "llmpipe":
         return {f"base_model.model.{name}": tensor for name, tensor in tensors.items()}
     if layout in ("llama", "mistral"):
-        for name, tensor in tensors.items():
-            layer, rest = name.removeprefix("blocks.").split(".", 1)
-            rest = rest.replace("attn.", "self_attn.", 1) if rest.startswith("attn.") else rest
-            out[f"base_model.model.model.layers.{layer}.{rest}"] = tensor
-        return out
-    qkv = [t for t in ("q_proj", "k_proj", "v_proj") if t in settings.targets]
-    layers = sorted({int(name.split(".")[1]) for name in tensors})
-    for i in layers:
-        ours, theirs = f"blocks.{i}", f"base_model.model.transformer.h.{i}"
-        for target, name in _GPT2_NAMES.items():
-            if target in settings.targets:
-                for part in ("lora_A", "lora_B"):
-                    key = f"{ours}.{_PARENT.get(target, 'mlp')}.{target}.{part}.weight"
-                    out[f"{theirs}.{name}.{part}.weight"] = tensors[key]
+        return {
+            "base_model.model.model.layers."
+            + rename_layer_key(name.removeprefix("blocks."), to_llama=True): t
+            for name, t in tensors.items()
+        }
+    out: dict[str, torch.Tensor] = {}
+    qkv = [t for t in QKV if t in settings.targets]
+    for i in sorted({int(name.split(".")[1]) for name in tensors}):
+        out |= {theirs: tensors[ours] for ours, theirs in _gpt2_pairs(settings, i)}
         if qkv:  # stack: A = [A_q; A_v], B = [[B_q, 0], [0, 0], [0, B_v]] for targets q, v
-            a = [tensors[f"{ours}.attn.{t}.lora_A.weight"] for t in qkv]
+            ours, theirs = f"blocks.{i}.attn", f"base_model.model.transformer.h.{i}.attn.c_attn"
+            a = [tensors[f"{ours}.{t}.lora_A.weight"] for t in qkv]
             width = a[0].shape[1]
             b = torch.zeros(3 * width, settings.r * len(qkv), dtype=a[0].dtype)
             for j, target in enumerate(qkv):
-                row = ("q_proj", "k_proj", "v_proj").index(target) * width
+                row = QKV.index(target) * width
                 b[row : row + width, j * settings.r : (j + 1) * settings.r] = tensors[
-                    f"{ours}.attn.{target}.lora_B.weight"
+                    f"{ours}.{target}.lora_B.weight"
                 ]
-            out[f"{theirs}.attn.c_attn.lora_A.weight"] = torch.cat(a)
-            out[f"{theirs}.attn.c_attn.lora_B.weight"] = b
+            out[f"{theirs}.lora_A.weight"] = torch.cat(a)
+            out[f"{theirs}.lora_B.weight"] = b
     return out
 
 
@@ -185,33 +196,25 @@ def _from_export(
     """The inverse of `_to_export`."""
     if layout == "llmpipe":
         return {name.removeprefix("base_model.model."): tensor for name, tensor in tensors.items()}
-    out: dict[str, torch.Tensor] = {}
     if layout in ("llama", "mistral"):
-        for name, tensor in tensors.items():
-            layer, rest = name.removeprefix("base_model.model.model.layers.").split(".", 1)
-            rest = rest.replace("self_attn.", "attn.", 1)
-            out[f"blocks.{layer}.{rest}"] = tensor
-        return out
-    qkv = [t for t in ("q_proj", "k_proj", "v_proj") if t in settings.targets]
-    layers = sorted({int(name.split(".")[4]) for name in tensors})
-    for i in layers:
-        ours, theirs = f"blocks.{i}", f"base_model.model.transformer.h.{i}"
-        for target, name in _GPT2_NAMES.items():
-            if target in settings.targets:
-                for part in ("lora_A", "lora_B"):
-                    key = f"{ours}.{_PARENT.get(target, 'mlp')}.{target}.{part}.weight"
-                    out[key] = tensors[f"{theirs}.{name}.{part}.weight"]
+        prefix = "base_model.model.model.layers."
+        return {
+            "blocks." + rename_layer_key(name.removeprefix(prefix), to_llama=False): t
+            for name, t in tensors.items()
+        }
+    out: dict[str, torch.Tensor] = {}
+    qkv = [t for t in QKV if t in settings.targets]
+    for i in sorted({int(name.split(".")[4]) for name in tensors}):
+        out |= {ours: tensors[theirs] for ours, theirs in _gpt2_pairs(settings, i)}
         if qkv:
-            a, b = (
-                tensors[f"{theirs}.attn.c_attn.lora_A.weight"],
-                tensors[f"{theirs}.attn.c_attn.lora_B.weight"],
-            )
+            ours, theirs = f"blocks.{i}.attn", f"base_model.model.transformer.h.{i}.attn.c_attn"
+            a, b = tensors[f"{theirs}.lora_A.weight"], tensors[f"{theirs}.lora_B.weight"]
             width = b.shape[0] // 3
             for j, target in enumerate(qkv):
-                row = ("q_proj", "k_proj", "v_proj").index(target) * width
+                row = QKV.index(target) * width
                 cols = slice(j * settings.r, (j + 1) * settings.r)
-                out[f"{ours}.attn.{target}.lora_A.weight"] = a[cols].contiguous()
-                out[f"{ours}.attn.{target}.lora_B.weight"] = b[row : row + width, cols].contiguous()
+                out[f"{ours}.{target}.lora_A.weight"] = a[cols].contiguous()
+                out[f"{ours}.{target}.lora_B.weight"] = b[row : row + width, cols].contiguous()
     return out
 
 
@@ -223,13 +226,13 @@ def _peft_config(settings: LoraSettings, layout: str, base_model: str | None) ->
     alpha_pattern: dict[str, float] = {}
     if layout == "gpt2":
         targets = [_GPT2_NAMES[t] for t in settings.targets if t in _GPT2_NAMES]
-        stacked = sum(t in settings.targets for t in ("q_proj", "k_proj", "v_proj"))
+        stacked = sum(t in settings.targets for t in QKV)
         if stacked:
             targets.append("attn.c_attn")
             rank_pattern["c_attn"] = settings.r * stacked
             alpha_pattern["c_attn"] = settings.alpha * stacked
     elif layout == "llmpipe":
-        targets = [f"{_PARENT.get(t, 'mlp')}.{t}" for t in settings.targets]
+        targets = [module_name(t) for t in settings.targets]
     else:
         targets = list(settings.targets)
     config = LoraConfig(
@@ -264,17 +267,22 @@ def save_adapter(model: GPT, settings: LoraSettings, directory: Path, base_model
     )
 
 
-def read_settings(directory: Path) -> LoraSettings:
-    config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+def _llmpipe_metadata(directory: Path) -> dict[str, str]:
+    """What save_adapter stores beside the tensors: the targets and the layout they are named for."""
     with safe_open(str(Path(directory) / ADAPTER_WEIGHTS), "pt") as handle:
         metadata = handle.metadata() or {}
     if "llmpipe_targets" not in metadata:
         raise ValueError(f"{directory}: not an adapter written by llmpipe (no llmpipe_targets metadata)")
+    return metadata
+
+
+def read_settings(directory: Path) -> LoraSettings:
+    config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     return LoraSettings(
         r=config["r"],
         alpha=config["lora_alpha"],
         dropout=config["lora_dropout"],
-        targets=tuple(metadata["llmpipe_targets"].split(",")),
+        targets=tuple(_llmpipe_metadata(directory)["llmpipe_targets"].split(",")),
     )
 
 
@@ -283,8 +291,7 @@ def load_adapter(model: GPT, directory: Path) -> GPT:
     directory = Path(directory)
     settings = read_settings(directory)
     layout = _export_layout(model.config)
-    with safe_open(str(directory / ADAPTER_WEIGHTS), "pt") as handle:
-        saved_layout = (handle.metadata() or {})["llmpipe_layout"]
+    saved_layout = _llmpipe_metadata(directory)["llmpipe_layout"]
     if saved_layout != layout:
         raise ValueError(f"{directory}: adapter was saved for a {saved_layout} model, this base is {layout}")
     add_lora(model, settings)
