@@ -38,7 +38,7 @@ from tasks import chat, tracking
 from tasks.io import atomic_dir, atomic_file, file_md5, hash_fraction, read_json
 from tasks.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
 from tasks.params import ParamsError
-from tasks.pretrain import TOKENIZER_FILES, LoopParams, StageCallbacks, load_checkpoint
+from tasks.pretrain import LoopParams, StageCallbacks, copy_tokenizer, load_checkpoint
 from tasks.tokenizer import load_tokenizer
 
 REPORT_DIR = REPORTS_DIR / "finetune"
@@ -370,14 +370,10 @@ def _prompt_ids(tokenizer: Any, text: str, task: str) -> list[int]:
 
 
 def _save_lora(root: Path, model: Any, lora: LoraSettings) -> None:
-    import shutil
-
     base_model = str(BASE_DIR / "hf") if (root / BASE_DIR / "hf").is_dir() else str(BASE_DIR)
     with atomic_dir(root / LORA_DIR) as out:
         save_adapter(model, lora, out, base_model=base_model)
-        for name in TOKENIZER_FILES:
-            if (root / BASE_DIR / name).is_file():
-                shutil.copy2(root / BASE_DIR / name, out / name)
+        copy_tokenizer(root / BASE_DIR, out)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -286,7 +286,7 @@ def _save_base(root: Path, model: Any) -> None:
         save_model(model, str(out / "model.safetensors"))
         write_json(out / "config.json", asdict(model.config))
         write_json(out / "run.json", {"mlflow_run_id": tracking.active_run_id()})  # provenance for adapters
-        _copy_tokenizer(root / TOKENIZER_DIR, out)
+        copy_tokenizer(root / TOKENIZER_DIR, out)
         try:
             hf_layout(model.config)
         except ValueError:
@@ -294,7 +294,8 @@ def _save_base(root: Path, model: Any) -> None:
         _write_hf(model, root / TOKENIZER_DIR, out / "hf")
 
 
-def _copy_tokenizer(source: Path, destination: Path) -> None:
+def copy_tokenizer(source: Path, destination: Path) -> None:
+    """The tokenizer files present in `source` (tokenizer.json and the transformers configs)."""
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, destination / name)
@@ -311,7 +312,7 @@ def _write_hf(model: Any, tokenizer_dir: Path, out: Path) -> None:
         "pad_token_id": tokenizer.token_to_id("<|pad|>"),
     }
     save_hf(model, out, special)
-    _copy_tokenizer(tokenizer_dir, out)
+    copy_tokenizer(tokenizer_dir, out)
 
 
 def load_checkpoint(path: Path) -> Any:
