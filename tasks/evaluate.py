@@ -17,6 +17,7 @@ metrics/evaluate.json; the generation table also goes to MLflow as a table artif
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from model.generate import GenerationConfig
+from model.lora import load_adapter
 from model.ngram import NgramModel
-from model.perplexity import strided_nll
+from model.perplexity import Scored, strided_nll
 from tasks import tracking
 from tasks.inference import Generator, load_generator
 from tasks.io import atomic_dir, atomic_file
@@ -84,20 +86,6 @@ def _split_tokens(directory: Path, split: str, limit: int) -> np.ndarray:
     return shards.tokens(0, min(len(shards), limit)).astype(np.int64)
 
 
-def score(
-    generator: Generator, tokens: np.ndarray, stride: int | None, sizes: np.ndarray
-) -> dict[str, float]:
-    """Loss (nats/token), perplexity and bits per byte of the model on `tokens`."""
-    scored = strided_nll(generator.model, tokens, stride)
-    return {
-        "loss": round(scored.mean, 5),
-        "perplexity": round(math.exp(min(scored.mean, 50)), 3),
-        "bpb": round(scored.bits_per_byte(sizes, tokens), 5),
-        "scored_tokens": len(scored.index),
-        "_index": scored.index,  # type: ignore[dict-item]
-    }
-
-
 def distinct(ids: list[int], n: int) -> float:
     """Share of the text's n-grams that are different (1.0: no n-gram repeats)."""
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
@@ -139,19 +127,18 @@ def validation_metrics(
     val = _split_tokens(root / TOKENS_DIR, "val", params.max_tokens)
     if len(val) < 2:
         return {}
-    model_score = score(generator, val, params.stride, sizes)
-    index = model_score.pop("_index")
-    train = _split_tokens(root / TOKENS_DIR, "train", 1 << 62)
+    scored = strided_nll(generator.model, val, params.stride)
     metrics: dict[str, Any] = {
-        "val_loss": model_score["loss"],
-        "val_perplexity": model_score["perplexity"],
-        "val_bpb": model_score["bpb"],
-        "scored_tokens": model_score["scored_tokens"],
+        "val_loss": round(scored.mean, 5),
+        "val_perplexity": round(math.exp(min(scored.mean, 50)), 3),
+        "val_bpb": round(scored.bits_per_byte(sizes, val), 5),
+        "scored_tokens": len(scored.index),
     }
+    train = _split_tokens(root / TOKENS_DIR, "train", 1 << 62)
     for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
         baseline = NgramModel(train, n, len(sizes), params.ngram_k, boundary=generator.eos_id or 0)
-        log_p = baseline.log_prob(val, index)
-        metrics[f"{name}_bpb"] = round(float(-log_p.sum() / math.log(2) / sizes[val[index]].sum()), 5)
+        counted = Scored(scored.index, -baseline.log_prob(val, scored.index))  # the same tokens, scored
+        metrics[f"{name}_bpb"] = round(counted.bits_per_byte(sizes, val), 5)
     return metrics
 
 
@@ -166,9 +153,10 @@ def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
     if (root / LORA_DIR / "adapter_config.json").is_file() and (domain_tokens / "meta.json").is_file():
         domain = _split_tokens(domain_tokens, "val", params.max_tokens)
         if len(domain) >= 2:
-            adapted = load_generator(root / BASE_DIR, root, adapter=root / LORA_DIR)
-            metrics["domain_bpb_base"] = score(generator, domain, params.stride, sizes)["bpb"]
-            metrics["domain_bpb_lora"] = score(adapted, domain, params.stride, sizes)["bpb"]
+            adapted = load_adapter(copy.deepcopy(generator.model), root / LORA_DIR).eval()
+            for name, model in (("base", generator.model), ("lora", adapted)):
+                bpb = strided_nll(model, domain, params.stride).bits_per_byte(sizes, domain)
+                metrics[f"domain_bpb_{name}"] = round(bpb, 5)
 
     rows, greedy_steps = generation_rows(generator, params)
     metrics["generations"] = len(rows)
