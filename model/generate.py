@@ -342,11 +342,12 @@ def beam_search(
     reason = "eos" if config.eos_id is not None and ids and ids[-1] == config.eos_id else "length"
     text = None
     if decode is not None:
-        text, stopped = _StopText(decode, config.stop).text(ids)
+        stopper = _StopText(decode, config.stop)
+        text, stopped = stopper.text(ids)
         if stopped:
             reason = "stop"
-            ids, _ = _trim_to_text(ids, [], _StopText(decode, config.stop))
-    return Generation(ids, text, steps[: len(ids)], reason, float(finished_scores[0]))  # type: ignore[arg-type]
+            ids, steps = _trim_to_text(ids, steps, stopper)
+    return Generation(ids, text, steps, reason, float(finished_scores[0]))  # type: ignore[arg-type]
 
 
 def _scored_steps(model: GPT, prompt: Sequence[int], ids: list[int]) -> list[Step]:
