@@ -38,7 +38,7 @@ from tasks import chat, tracking
 from tasks.io import atomic_dir, atomic_file, file_md5, hash_fraction, read_json
 from tasks.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
 from tasks.params import ParamsError
-from tasks.pretrain import LoopParams, StageCallbacks, copy_tokenizer, load_checkpoint
+from tasks.pretrain import LoopParams, StageCallbacks, copy_tokenizer, load_checkpoint, weight_settings
 from tasks.tokenizer import load_tokenizer
 
 REPORT_DIR = REPORTS_DIR / "finetune"
@@ -244,7 +244,7 @@ def fingerprint(strategy: str, cfg: Any, params: FinetuneParams, base_md5: str, 
     blob = json.dumps(
         {
             "strategy": strategy,
-            "loop": asdict(cfg),
+            "loop": weight_settings(cfg),  # eval/checkpoint frequencies change no weights: still resume
             "task": params.task,
             "lora": asdict(params.lora),
             "general_fraction": params.general_fraction,

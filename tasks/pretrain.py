@@ -117,9 +117,14 @@ class PretrainParams(LoopParams):
             raise ParamsError(f"params.yaml: pretrain.{err}") from None
 
 
+def weight_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The loop settings that change the trained weights (a checkpoint's fingerprint hashes these)."""
+    return {key: value for key, value in asdict(cfg).items() if key not in OBSERVATION_ONLY}
+
+
 def fingerprint(config: GPTConfig, cfg: TrainConfig, root: Path) -> str:
     """Hash of what determines the trained weights: model and loop config, data and tokenizer md5s."""
-    loop = {k: v for k, v in asdict(cfg).items() if k not in OBSERVATION_ONLY}
+    loop = weight_settings(cfg)
     data = {
         "meta": file_md5(root / TOKENS_DIR / "meta.json"),
         "tokenizer": file_md5(root / TOKENIZER_DIR / "tokenizer.json"),
