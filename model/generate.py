@@ -17,7 +17,9 @@ with the semantics of transformers' `generate` so results can be compared token 
   holds back any text that might be the start of a stop string, so streamed and returned text agree.
 - Each chosen token's probability is the model's own (softmax of the raw logits), before processors;
   beam search scores its final hypothesis in one forward pass to report the same.
-- One prompt at a time (beam search runs its beams as a batch); no orchestration imports here.
+- Several prompts decode as one batch (`generate_batch`): left-padded, with an attention mask and
+  per-row positions, so each row gets what it would alone. Beam search takes one prompt at a time (its
+  beams are the batch). No orchestration imports here.
 """
 
 from __future__ import annotations
@@ -191,57 +193,89 @@ def stream(
     model: GPT, prompt: Sequence[int], config: GenerationConfig, decode: Decode | None = None
 ) -> Iterator[Step]:
     """Greedy or sampled tokens one at a time; `Step.text` is the new text to print (with `decode`)."""
-    yield from _decode_loop(model, prompt, config, decode, result=None)
+    for steps in _decode_loop(model, [prompt], config, decode, results=None):
+        yield steps[0]  # type: ignore[misc]  # a single row is active until the loop ends
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids, attention_mask): prompts right-aligned in one (B, longest) tensor, padding 0 and masked; the
+    mask is None when every prompt has the same length (no padding, the fast causal path)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), device=device)
+        mask[row, width - len(prompt) :] = 1
+    return ids, None if bool(mask.all()) else mask
 
 
 @torch.no_grad()
 def _decode_loop(
     model: GPT,
-    prompt: Sequence[int],
+    prompts: Sequence[Sequence[int]],
     config: GenerationConfig,
     decode: Decode | None,
-    result: Generation | None,
-) -> Iterator[Step]:
+    results: list[Generation] | None,
+) -> Iterator[list[Step | None]]:
+    """Greedy or sampled decoding of a batch of prompts; yields each step's Step per row (None for rows
+    that have finished) and fills `results`."""
     config.validate()
     if config.strategy == "beam":
         raise ValueError("beam search does not stream: call generate()")
-    budget = _room(model, prompt, config)
+    if not prompts:
+        return
+    budget = min(_room(model, prompt, config) for prompt in prompts)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
-    seen = torch.tensor(list(prompt), device=device)
+    ids, mask = left_pad(prompts, device)
+    # Repetition penalty looks at each row's own tokens: padding stands in as the row's last prompt token.
+    seen = ids if mask is None else torch.where(mask.bool(), ids, ids[:, -1:])
     cache = KVCache()
-    logits = model(seen[None, :], cache=cache)[0][0, -1].float()
-    stopper, ids, reason = _StopText(decode, config.stop), [], "length"
+    logits = model(ids, cache=cache, attention_mask=mask)[0][:, -1].float()
+    stoppers = [_StopText(decode, config.stop) for _ in prompts]
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    reasons: list[str | None] = [None] * len(prompts)
     try:
-        for _ in range(budget):
+        for step_number in range(1, budget + 1):
             scores = process(logits, seen, config)
             if config.strategy == "greedy":
-                token = int(scores.argmax())
+                tokens = scores.argmax(-1)
             else:
-                token = int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
-            logprob = float(logits.log_softmax(-1)[token])
-            step = Step(token, math.exp(logprob), logprob)
-            ids.append(token)
-            text, stopped = stopper.text(ids)
-            ended = stopped or token == config.eos_id or len(ids) == budget
-            step.text = stopper.release(text, final=ended)
-            if result is not None:
-                result.ids, result.text = list(ids), text if decode else None
-                result.steps.append(step)
-            yield step
-            if stopped or token == config.eos_id:
-                reason = "stop" if stopped else "eos"
+                tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+            logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist()
+            steps: list[Step | None] = []
+            for row, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs, strict=True)):
+                if reasons[row] is not None:
+                    steps.append(None)
+                    continue
+                new_ids[row].append(token)
+                text, stopped = stoppers[row].text(new_ids[row])
+                if stopped or token == config.eos_id or step_number == budget:
+                    reasons[row] = "stop" if stopped else "eos" if token == config.eos_id else "length"
+                step = Step(
+                    token, math.exp(logprob), logprob, stoppers[row].release(text, reasons[row] is not None)
+                )
+                steps.append(step)
+                if results is not None:
+                    results[row].ids, results[row].text = list(new_ids[row]), text if decode else None
+                    results[row].steps.append(step)
+            yield steps
+            if all(reason is not None for reason in reasons):
                 break
-            seen = torch.cat([seen, torch.tensor([token], device=device)])
-            logits = model(torch.tensor([[token]], device=device), cache=cache)[0][0, -1].float()
+            seen = torch.cat([seen, tokens[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = model(tokens[:, None], cache=cache, attention_mask=mask)[0][:, -1].float()
     finally:
         model.train(was_training)
-    if result is not None:
-        result.finish_reason = reason  # type: ignore[assignment]
-        if reason == "stop":  # the stop string's tokens are not part of the answer
-            result.ids, result.steps = _trim_to_text(ids, result.steps, stopper)
+    for row, result in enumerate(results or []):
+        result.finish_reason = reasons[row] or "length"  # type: ignore[assignment]
+        if result.finish_reason == "stop":  # the stop string's tokens are not part of the answer
+            result.ids, result.steps = _trim_to_text(new_ids[row], result.steps, stoppers[row])
 
 
 def _trim_to_text(ids: list[int], steps: list[Step], stopper: _StopText) -> tuple[list[int], list[Step]]:
@@ -365,12 +399,20 @@ def generate(
     model: GPT, prompt: Sequence[int], config: GenerationConfig, decode: Decode | None = None
 ) -> Generation:
     """Generate from `prompt` (token ids) with `config`'s strategy; see the module docstring."""
+    return generate_batch(model, [prompt], config, decode)[0]
+
+
+def generate_batch(
+    model: GPT, prompts: Sequence[Sequence[int]], config: GenerationConfig, decode: Decode | None = None
+) -> list[Generation]:
+    """Generate from several prompts at once (left-padded, one forward pass per step for all rows); each
+    row gets what it would get alone. Beam search runs one prompt at a time, its beams as the batch."""
     if config.strategy == "beam":
-        return beam_search(model, prompt, config, decode)
-    result = Generation([], "" if decode else None)
-    for _ in _decode_loop(model, prompt, config, decode, result):
+        return [beam_search(model, prompt, config, decode) for prompt in prompts]
+    results = [Generation([], "" if decode else None) for _ in prompts]
+    for _ in _decode_loop(model, prompts, config, decode, results):
         pass
-    return result
+    return results
 
 
 def sample(

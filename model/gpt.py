@@ -6,7 +6,10 @@
 - Attention: separate q/k/v/o projections (what LoRA targets and what Llama checkpoints store), optional
   grouped-query attention (n_kv_head < n_head), rotary positions applied to q and k, and
   `scaled_dot_product_attention` with `is_causal=True` (flash kernels on GPU) whenever no explicit mask
-  is needed. A sliding window, or a chunk appended to a KV cache, uses an explicit boolean mask.
+  is needed. A sliding window, a chunk appended to a KV cache, or padding uses an explicit boolean mask.
+- Batches of prompts of different lengths are left-padded: `attention_mask` (1 = token, 0 = padding, as
+  transformers takes it) hides the padding from attention, and positions count real tokens only, so
+  each row computes exactly what it would alone.
 - `return_attention=True` takes the slow path (softmax(QKᵀ/√d) materialised) to hand back the weights.
 - A KVCache makes incremental decoding cost one position per step instead of the whole prefix.
 - Initialisation follows GPT-2: N(0, 0.02), residual output projections scaled by 1/√(2·n_layer).
@@ -40,7 +43,8 @@ def rope_tables(config: GPTConfig, length: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, T, head_dim) by position: x·cos + rotate_half(x)·sin (as HF Llama does)."""
+    """Rotate (B, heads, T, head_dim) by position: x·cos + rotate_half(x)·sin (as HF Llama does); cos and
+    sin are (B or 1, 1, T, head_dim), one row of positions per sequence."""
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -84,7 +88,7 @@ class KVCache:
         self.values = [None if v is None else v.index_select(0, rows) for v in self.values]
 
 
-def attention_mask(queries: int, start: int, window: int | None, device: torch.device) -> torch.Tensor:
+def causal_mask(queries: int, start: int, window: int | None, device: torch.device) -> torch.Tensor:
     """Boolean (queries, start + queries) mask, True = may attend: causal, and within `window` if set."""
     q = torch.arange(start, start + queries, device=device)[:, None]
     k = torch.arange(start + queries, device=device)[None, :]
@@ -108,11 +112,11 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        start: int = 0,
+        mask: torch.Tensor | None,
         cache: KVCache | None = None,
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`start`: the position of x's first token (the cache length before this call)."""
+        """`mask`: True where a query may attend, (T, S) or (B, 1, T, S); None = plain causal attention."""
         cfg = self.config
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, cfg.n_head, cfg.head_dim).transpose(1, 2)
@@ -122,24 +126,22 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
+        start = k.shape[2] - length  # positions already cached before this call
         if cfg.kv_heads != cfg.n_head:  # grouped-query: each k/v head serves n_head / kv_heads query heads
             k = k.repeat_interleave(cfg.n_head // cfg.kv_heads, dim=1)
             v = v.repeat_interleave(cfg.n_head // cfg.kv_heads, dim=1)
 
-        window = cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < start + length else None
         dropout = cfg.dropout if self.training else 0.0
         weights = None
         if return_attention:  # the slow path: materialise the weights to return them
+            if mask is None:
+                mask = causal_mask(length, start, None, x.device)
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(cfg.head_dim)
-            scores = scores.masked_fill(~attention_mask(length, start, window, x.device), float("-inf"))
-            weights = scores.softmax(dim=-1)
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             y = F.dropout(weights, dropout, self.training) @ v
-        elif start == 0 and window is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif length == 1 and window is None:  # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        elif mask is None:  # causal from position 0, or one new token attending to everything cached
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=start == 0)
         else:
-            mask = attention_mask(length, start, window, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(batch, length, cfg.n_head * cfg.head_dim)
         return self.o_proj(y), weights
@@ -175,11 +177,11 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        start: int = 0,
+        mask: torch.Tensor | None,
         cache: KVCache | None = None,
         return_attention: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attn(self.attn_norm(x), rope, start, cache, return_attention)
+        attended, weights = self.attn(self.attn_norm(x), rope, mask, cache, return_attention)
         x = x + self.dropout(attended)
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         return x, weights
@@ -223,27 +225,30 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_attention: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         """Logits (B, T, vocab); the mean cross-entropy over targets ≠ -100 when given; attention weights
-        per layer (B, heads, T, start + T) when `return_attention`."""
+        per layer (B, heads, T, start + T) when `return_attention`. `attention_mask` (B, start + T): 1 for
+        tokens, 0 for left padding, covering the cached positions too."""
         _, length = idx.shape
         start = cache.length if cache is not None else 0
         if start + length > self.config.block_size:
             raise ValueError(
                 f"sequence of {start + length} tokens exceeds block_size {self.config.block_size}"
             )
+        positions, mask = self._positions_and_mask(idx, start, attention_mask)
         x = self.tok_emb(idx)
         if self.config.pos_encoding == "learned":
-            x = x + self.pos_emb(torch.arange(start, start + length, device=idx.device))
+            x = x + self.pos_emb(positions)
         elif self.config.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[start : start + length].to(x.dtype)
+            x = x + self.pos_table[positions].to(x.dtype)
         rope = None
         if self.config.pos_encoding == "rope":
-            rope = (self.rope_cos[start : start + length], self.rope_sin[start : start + length])
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x = self.dropout(x)
         attention: list[torch.Tensor] = []
         for block in self.blocks:
-            x, weights = block(x, rope, start, cache, return_attention)
+            x, weights = block(x, rope, mask, cache, return_attention)
             if weights is not None:
                 attention.append(weights)
         logits = self.lm_head(self.norm(x))
@@ -251,6 +256,23 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-100)
         return logits, loss, attention
+
+    def _positions_and_mask(
+        self, idx: torch.Tensor, start: int, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (1 or B, T) of the new tokens, and the attention mask (None: plain causal)."""
+        length, device = idx.shape[1], idx.device
+        window = self.config.sliding_window
+        window = window if window and window < start + length else None
+        if attention_mask is None:
+            positions = torch.arange(start, start + length, device=device)[None]
+            needs_mask = window is not None or (start > 0 and length > 1)
+            return positions, causal_mask(length, start, window, device) if needs_mask else None
+        real = attention_mask.to(device=device, dtype=torch.bool)
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + length]
+        mask = causal_mask(length, start, window, device) & real[:, None, None, :]
+        # A padding query sees only padding; letting it see itself keeps its (unused) row finite.
+        return positions, mask | causal_mask(length, start, 1, device)
 
     def num_params(self) -> int:
         """Parameters counted once (a tied head is the embedding); equals model.flops.count_params().total."""

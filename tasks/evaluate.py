@@ -182,7 +182,7 @@ def _write_reports(
 ) -> None:
     from matplotlib.figure import Figure
 
-    from model.gpt import attention_mask
+    from model.gpt import causal_mask
 
     lines = ["# Evaluation", ""]
     if bpb:
@@ -259,8 +259,8 @@ def _write_reports(
     fig = Figure(figsize=(8, 4))
     for ax, (title, mask) in zip(
         fig.subplots(1, 2),
-        (("causal", attention_mask(size, 0, None, torch.device("cpu"))),
-         (f"sliding window {window}", attention_mask(size, 0, window, torch.device("cpu")))),
+        (("causal", causal_mask(size, 0, None, torch.device("cpu"))),
+         (f"sliding window {window}", causal_mask(size, 0, window, torch.device("cpu")))),
         strict=True,
     ):  # fmt: skip
         ax.imshow(mask.numpy(), cmap="Greys")

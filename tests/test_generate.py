@@ -16,6 +16,7 @@ from test_hf import LAYOUTS, random_model
 from model.generate import (
     GenerationConfig,
     generate,
+    generate_batch,
     min_p_filter,
     repetition_penalty,
     stream,
@@ -83,6 +84,38 @@ def test_beam_search_is_token_identical_to_transformers(
             repetition_penalty=penalty, eos_token_id=eos, early_stopping=early,
         )  # fmt: skip
         assert generate(ours, prompt, config).ids == expected
+
+
+BATCH = [[5, 17, 42, 3], [88, 1, 60, 60, 23, 9, 14], [31], [2, 2, 2, 2, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("eos", [None, EOS])
+def test_left_padded_batch_is_token_identical_to_transformers(pair, eos: int | None) -> None:
+    ours, theirs = pair
+    width = max(len(p) for p in BATCH)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in BATCH])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in BATCH])
+    out = theirs.generate(
+        ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=10, eos_token_id=eos
+    )
+    results = generate_batch(ours, BATCH, GenerationConfig(max_new_tokens=10, eos_id=eos))
+    for row, result in enumerate(results):
+        expected = out[row, width:].tolist()
+        if eos in expected:  # transformers pads a finished row; ours stops
+            expected = expected[: expected.index(eos) + 1]
+        assert result.ids == expected
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_each_row_of_a_batch_gets_what_it_gets_alone(pair, strategy: str) -> None:
+    ours, _ = pair
+    config = GenerationConfig(max_new_tokens=9, strategy=strategy, repetition_penalty=1.3, eos_id=EOS)  # type: ignore[arg-type]
+    for together, prompt in zip(generate_batch(ours, BATCH, config), BATCH, strict=True):
+        alone = generate(ours, prompt, config)
+        assert together.ids == alone.ids and together.finish_reason == alone.finish_reason
+        assert [s.logprob for s in together.steps] == pytest.approx(
+            [s.logprob for s in alone.steps], abs=1e-4
+        )
 
 
 def test_filters_match_transformers_on_fixed_logits() -> None:

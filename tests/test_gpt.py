@@ -80,6 +80,27 @@ def test_kv_cache_logits_equal_full_recompute(name: str) -> None:
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", VARIANTS)
+def test_left_padding_changes_nothing_for_the_real_tokens(name: str) -> None:
+    """A left-padded row (masked, positions counted from its first token) computes what it does alone,
+    in one pass and through the KV cache."""
+    model = build(VARIANTS[name])
+    idx = torch.randint(1, 97, (1, 14))
+    padded = torch.cat([torch.zeros(1, 6, dtype=torch.long), idx], dim=1)
+    mask = torch.cat([torch.zeros(1, 6), torch.ones(1, 14)], dim=1).long()
+    with torch.no_grad():
+        alone = model(idx)[0]
+        together = model(padded, attention_mask=mask)[0][:, 6:]
+        cache = KVCache()
+        model(padded[:, :10], cache=cache, attention_mask=mask[:, :10])
+        cached = [
+            model(padded[:, t : t + 1], cache=cache, attention_mask=mask[:, : t + 1])[0]
+            for t in range(10, 20)
+        ]
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(cached, dim=1), alone[:, 4:], rtol=1e-5, atol=1e-5)
+
+
 def test_block_size_is_enforced() -> None:
     model = build(BASE)
     with pytest.raises(ValueError, match="block_size"):
