@@ -93,7 +93,7 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": rss, "mb": stats["bytes"] /
 #: Batched encode on however many Rust threads RAYON_NUM_THREADS allows (argv: tokenizer, docs.json).
 ENCODE_SCRIPT = """
 import json, sys, time
-from tasks.tokenizer import load_tokenizer
+from model.textgen import load_tokenizer
 tokenizer = load_tokenizer(sys.argv[1])
 docs = json.load(open(sys.argv[2], encoding="utf-8"))
 tokenizer.encode_batch_fast(docs[:50], add_special_tokens=False)
@@ -186,7 +186,7 @@ def main() -> int:
         )
         console.print(table)
 
-        from tasks.tokenizer import load_tokenizer
+        from model.textgen import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path)
         tokenizer.encode_batch_fast(docs[:50], add_special_tokens=False)  # warm up the thread pool

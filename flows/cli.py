@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -240,6 +240,27 @@ def export_hf(
     )
 
 
+def _load_generator(root: Path, model: str, adapter: Path | None) -> Any:
+    """A directory (relative to the project), or a registered model pulled from the project's MLflow."""
+    import tempfile
+
+    from model.textgen import load_generator
+    from tasks.layout import TOKENIZER_DIR
+    from tasks.registry import download, is_mlflow_uri
+
+    adapter = root / adapter if adapter else None
+    if is_mlflow_uri(model):
+        from tasks.tracking import configure
+
+        configure(root)
+        with tempfile.TemporaryDirectory(prefix="llmpipe-model-") as tmp:
+            checkpoint, registered_adapter = download(model, Path(tmp))
+            return load_generator(checkpoint, adapter or registered_adapter)
+    checkpoint = root / model
+    holders = [d for d in (checkpoint, adapter) if d is not None and (d / "tokenizer.json").is_file()]
+    return load_generator(checkpoint, adapter, None if holders else root / TOKENIZER_DIR)
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option(help="the text to continue")],
@@ -255,15 +276,14 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop at this string (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option(help="sample: seed for reproducible draws")] = None,
     show_probs: Annotated[bool, typer.Option(help="print each token with p and log p")] = False,
-    model: Annotated[Path, typer.Option(help="models/base or a training checkpoint dir")] = Path(
-        "models/base"
-    ),
+    model: Annotated[
+        str, typer.Option(help="models/base, a training checkpoint dir, or models:/NAME@ALIAS (MLflow)")
+    ] = "models/base",
     adapter: Annotated[Path | None, typer.Option(help="a LoRA adapter dir, e.g. models/lora")] = None,
 ) -> None:
     """Generate from the trained model, streaming the text (beam search prints it when done)."""
     root = _root()
     from model.generate import GenerationConfig
-    from tasks.inference import load_generator
 
     if strategy not in ("greedy", "beam", "sample"):
         errors.print(f"[red]error:[/red] --strategy must be greedy, beam or sample, not {strategy!r}")
@@ -275,7 +295,7 @@ def generate(
     )  # fmt: skip
     try:
         config.validate()
-        generator = load_generator(root / model, root, root / adapter if adapter else None)
+        generator = _load_generator(root, model, adapter)
         console.print(prompt, style="bold", end="")
         if strategy == "beam":
             result = generator.generate(prompt, config)

@@ -23,6 +23,7 @@ def configure_environment(root: Path) -> None:
         "DVC_SITE_CACHE_DIR": str(state / "dvc-site-cache"),
         "DVC_NO_ANALYTICS": "1",
         "MPLCONFIGDIR": str(state / "matplotlib"),
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one bar per model file logged or loaded
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -40,6 +41,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm
 
+from model.config import GPTConfig
 from model.data import BatchCursor
 from model.flops import train_flops_per_token
 from model.generate import sample
@@ -283,6 +285,23 @@ def load_weights(model: GPT, path: Path, trainable_only: bool = False) -> None:
             f"{path}: checkpoint holds {sorted(set(tensors) ^ expected)[:5]}... unlike the model"
         )
     model.load_state_dict(tensors, strict=False)
+
+
+def load_checkpoint(path: Path) -> GPT:
+    """The GPT in models/base/ (config.json + model.safetensors) or in a training checkpoint directory
+    (.llmpipe/checkpoints/pretrain/step-NNNNNNN: state.pt + model.safetensors), in eval mode."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        config = GPTConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8")))
+    elif (path / "state.pt").is_file():
+        config = GPTConfig.from_dict(read_checkpoint_state(path)["config"])
+    else:
+        raise FileNotFoundError(
+            f"{path}: not a checkpoint (no config.json or state.pt beside model.safetensors)"
+        )
+    model = GPT(config)
+    load_weights(model, path)
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from model.generate import GenerationConfig
 from model.lora import load_adapter
 from model.ngram import NgramModel
 from model.perplexity import Scored, strided_nll
-from tasks import tracking
-from tasks.inference import Generator, load_generator
+from model.textgen import Generator, load_generator
+from tasks import registry, tracking
 from tasks.io import atomic_dir, atomic_file
 from tasks.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR
 from tasks.params import ParamsError
@@ -67,6 +67,9 @@ class EvaluateParams:
     attention_prompt: str = "In the beginning God created the heaven and the earth."
     attention_layer: int = -1  # which layer's attention to draw (-1: the last)
     attention_head: int = 0
+    register: bool = True  # log + register the model in MLflow (tasks/registry.py)
+    registered_model: str = "llmpipe"  # the adapted model registers as <name>-lora
+    alias: str = "champion"  # on the version with the lowest bits per byte
 
     def validate(self) -> None:
         if self.stride is not None and self.stride < 1:
@@ -77,6 +80,8 @@ class EvaluateParams:
             )
         if not self.prompts:
             raise ParamsError("params.yaml: evaluate.prompts is empty")
+        if self.register and not (self.registered_model.strip() and self.alias.strip()):
+            raise ParamsError("params.yaml: evaluate.registered_model and evaluate.alias must not be empty")
 
 
 def _split_tokens(directory: Path, split: str, limit: int) -> np.ndarray:
@@ -146,7 +151,7 @@ def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
     """Read models/base (+ models/lora, data/domain) and data/tokens; write reports/evaluate and plots."""
     params.validate()
     root = Path(root)
-    generator = load_generator(root / BASE_DIR, root)
+    generator = load_generator(root / BASE_DIR)
     sizes = token_bytes(generator.tokenizer)
     metrics = validation_metrics(generator, root, params, sizes)  # empty: no validation text to score
     domain_tokens = root / DOMAIN_DIR / TOKENS_DIR
@@ -168,7 +173,24 @@ def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
         writer.writerows(bpb.items())
     with atomic_dir(root / REPORT_DIR) as out:
         _write_reports(out, generator, params, metrics, bpb, rows, greedy_steps)
+    if params.register and tracking.active_run_id() is not None:
+        register_models(root, params, metrics)
     return metrics
+
+
+def register_models(root: Path, params: EvaluateParams, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """models/base (and base + models/lora) as new registry versions; the alias follows the best bpb."""
+    name = params.registered_model
+    versions = [
+        registry.register(name, root / BASE_DIR, None, "val_bpb", metrics.get("val_bpb"), params.alias)
+    ]
+    if "domain_bpb_lora" in metrics:
+        adapted = root / BASE_DIR, root / LORA_DIR, "domain_bpb_lora", metrics["domain_bpb_lora"]
+        versions.append(registry.register(f"{name}-lora", *adapted, params.alias))
+    tracking.set_tags({f"llmpipe.registered.{v['name']}": v["version"] for v in versions})
+    for v in versions:
+        print(f"registered {v['uri']}; @{params.alias} → version {v['champion']}")
+    return versions
 
 
 def _write_reports(

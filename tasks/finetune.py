@@ -33,13 +33,13 @@ import numpy as np
 
 from model.data import ExampleBatches, MixedBatches, TokenShards
 from model.lora import LoraSettings, add_lora, lora_param_count, save_adapter
-from model.train import TrainResult, evaluate, setup_runtime, train
+from model.textgen import load_tokenizer
+from model.train import TrainResult, evaluate, load_checkpoint, setup_runtime, train
 from tasks import chat, tracking
 from tasks.io import atomic_dir, atomic_file, file_md5, hash_fraction, read_json
 from tasks.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
 from tasks.params import ParamsError
-from tasks.pretrain import LoopParams, StageCallbacks, copy_tokenizer, load_checkpoint, weight_settings
-from tasks.tokenizer import load_tokenizer
+from tasks.pretrain import LoopParams, StageCallbacks, copy_tokenizer, weight_settings
 
 REPORT_DIR = REPORTS_DIR / "finetune"
 LOSS_PLOT = PLOTS_DIR / "finetune_loss.csv"

@@ -32,13 +32,13 @@ import numpy as np
 from model.config import GPTConfig
 from model.data import TokenShards
 from model.flops import ACCELERATORS, accelerator_for
-from model.train import Callbacks, TrainConfig, TrainResult, load_weights, train
+from model.textgen import load_tokenizer
+from model.train import Callbacks, TrainConfig, TrainResult, load_checkpoint, train
 from tasks import tracking
 from tasks.io import atomic_dir, atomic_file, file_md5, read_json, write_json
 from tasks.layout import BASE_DIR, PLAN_FILE, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR, TOKENS_DIR, state_dir
 from tasks.params import ParamsError
 from tasks.plan import ModelParams, apply_plan, cpu_peak_flops
-from tasks.tokenizer import load_tokenizer
 
 REPORT_DIR = REPORTS_DIR / "pretrain"
 LOSS_PLOT = PLOTS_DIR / "pretrain_loss.csv"
@@ -318,26 +318,6 @@ def _write_hf(model: Any, tokenizer_dir: Path, out: Path) -> None:
     }
     save_hf(model, out, special)
     copy_tokenizer(tokenizer_dir, out)
-
-
-def load_checkpoint(path: Path) -> Any:
-    """The GPT in models/base/ (config.json + model.safetensors) or in a training checkpoint directory
-    (.llmpipe/checkpoints/pretrain/step-NNNNNNN: state.pt + model.safetensors)."""
-    from model.gpt import GPT
-    from model.train import read_checkpoint_state
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        config = GPTConfig.from_dict(read_json(path / "config.json"))
-    elif (path / "state.pt").is_file():
-        config = GPTConfig.from_dict(read_checkpoint_state(path)["config"])
-    else:
-        raise FileNotFoundError(
-            f"{path}: not a checkpoint (no config.json or state.pt beside model.safetensors)"
-        )
-    model = GPT(config)
-    load_weights(model, path)
-    return model.eval()
 
 
 def export_hf(checkpoint: Path, out: Path, root: Path) -> str:

@@ -26,10 +26,11 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from model.textgen import load_tokenizer
 from tasks.io import atomic_dir, file_md5, hash_fraction, iter_batches, write_json
 from tasks.layout import DEDUP_DIR, TOKENIZER_FILE, TOKENS_DIR
 from tasks.params import ParamsError
-from tasks.tokenizer import EOS_TOKEN, load_tokenizer
+from tasks.tokenizer import EOS_TOKEN
 
 SPLITS = ("train", "val")
 META_FORMAT = 1

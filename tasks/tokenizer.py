@@ -14,7 +14,7 @@
 
 How to encode ordinary text (important): special tokens (`<|eos|>`, ...) are added as *special*
 tokens, and by default `tokenizers` matches their spelling inside raw text. Ordinary text must never
-produce a special id, so callers must load the tokenizer with `load_tokenizer()` (or set
+produce a special id, so callers must load the tokenizer with `model.textgen.load_tokenizer()` (or set
 `tokenizer.encode_special_tokens = True` themselves: the flag is not stored in tokenizer.json) and
 append special ids explicitly:
 
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from model import textgen
 from tasks import chat
 from tasks.io import atomic_dir, atomic_file, hash_fraction, iter_batches, write_json
 from tasks.layout import DEDUP_DIR, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR
@@ -53,7 +54,7 @@ GPT4_PATTERN = (
 )
 
 BOS_TOKEN = "<|bos|>"
-EOS_TOKEN = "<|eos|>"
+EOS_TOKEN = textgen.EOS_TOKEN
 PAD_TOKEN = "<|pad|>"
 DEFAULT_SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, "<|system|>", "<|user|>", "<|assistant|>"]
 BYTE_ALPHABET_SIZE = 256
@@ -157,17 +158,6 @@ def bpe_trainer(p: TokenizerParams) -> trainers.BpeTrainer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    """Load tokenizer.json (or its directory) ready for ordinary text: special-token spellings in the
-    input are encoded as text, never as special ids (`encode_special_tokens = True`)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer (run the `tokenizer` stage first)")
-    return _safe(Tokenizer.from_file(str(path)))
 
 
 def _safe(tokenizer: Tokenizer) -> Tokenizer:

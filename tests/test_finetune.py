@@ -13,9 +13,9 @@ import torch
 from conftest import run_cli
 
 from model.lora import load_adapter, lora_param_count, read_settings
+from model.train import load_checkpoint
 from tasks.finetune import BASE_RUN_TAG, FinetuneParams
 from tasks.params import ParamsError, parse_section, set_overrides
-from tasks.pretrain import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -157,7 +157,8 @@ def test_an_architecture_without_a_transformers_twin_saves_llmpipe_names(tmp_pat
 @pytest.fixture(scope="module")
 def chat_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     """A small byte-level BPE with the chat specials, saved like the tokenizer stage saves it."""
-    from tasks.tokenizer import TokenizerParams, bpe_trainer, byte_level_bpe, load_tokenizer, save_tokenizer
+    from model.textgen import load_tokenizer
+    from tasks.tokenizer import TokenizerParams, bpe_trainer, byte_level_bpe, save_tokenizer
 
     params = TokenizerParams(vocab_size=400)
     tokenizer = byte_level_bpe(params.pattern)

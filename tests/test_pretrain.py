@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import run_cli
 
+from model.train import load_checkpoint
 from tasks.params import ParamsError, parse_section, set_overrides
-from tasks.pretrain import PretrainParams, load_checkpoint
+from tasks.pretrain import PretrainParams
 
 FAST = [
     "plan.context_length=32",

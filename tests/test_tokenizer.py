@@ -11,11 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from model.textgen import load_tokenizer
 from tasks.io import content_id
 from tasks.layout import TOKENIZER_DIR, TOKENIZER_FILE
 from tasks.normalize import NORMALIZED_SCHEMA as SCHEMA
 from tasks.params import ParamsError
-from tasks.tokenizer import EOS_TOKEN, FAMILIES, TokenizerParams, load_tokenizer, run
+from tasks.tokenizer import EOS_TOKEN, FAMILIES, TokenizerParams, run
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "corpus" / "en" / "shakespeare"

@@ -1,0 +1,101 @@
+"""A trained model and its tokenizer: text in, text out.
+
+    generator = load_generator(Path("models/base"), adapter=Path("models/lora"))
+    result = generator.generate("The movie was full of", GenerationConfig(strategy="beam"))
+    for step in generator.stream("Once upon", GenerationConfig(strategy="sample", seed=1)): ...
+
+Used by `llmpipe generate` and `llmpipe chat`, the evaluate stage and the MLflow pyfunc model, so all of
+them encode prompts and decode answers the same way: special-token spellings typed in a prompt stay text
+(`encode_special_tokens`, as the tokenizer stage requires), special tokens are left out of the decoded
+text, and an empty prompt means "the start of a document" (the `<|eos|>` that ends the one before it).
+Depends on torch, tokenizers and model/ only (the pyfunc model ships model/ as its code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from model.generate import Generation, GenerationConfig, Step, generate_batch, stream
+from model.gpt import GPT
+
+TOKENIZER_FILE = "tokenizer.json"
+EOS_TOKEN = "<|eos|>"
+
+
+@dataclass
+class Generator:
+    model: GPT  # in eval mode
+    tokenizer: Tokenizer
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.tokenizer.token_to_id(EOS_TOKEN)
+
+    @property
+    def context(self) -> int:
+        return self.model.config.block_size
+
+    def encode(self, text: str) -> list[int]:
+        """The prompt's ids, exactly the text (as a transformers tokenizer from models/base/hf encodes it);
+        an empty prompt is the document boundary <|eos|>."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids or ([self.eos_id] if self.eos_id is not None else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token(self, token_id: int) -> str:
+        """How one token reads on its own (special tokens by name)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _config(self, config: GenerationConfig) -> GenerationConfig:
+        return config if config.eos_id is not None else replace(config, eos_id=self.eos_id)
+
+    def _ids(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def generate(self, prompt: str | Sequence[int], config: GenerationConfig) -> Generation:
+        return self.generate_batch([prompt], config)[0]
+
+    def generate_batch(
+        self, prompts: Sequence[str | Sequence[int]], config: GenerationConfig
+    ) -> list[Generation]:
+        """Several prompts in one left-padded batch (beam search: one after another)."""
+        return generate_batch(self.model, [self._ids(p) for p in prompts], self._config(config), self.decode)
+
+    def stream(self, prompt: str | Sequence[int], config: GenerationConfig) -> Iterator[Step]:
+        return stream(self.model, self._ids(prompt), self._config(config), self.decode)
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """tokenizer.json (or the directory holding it), encoding special-token spellings in text as text:
+    only llmpipe itself puts special ids into a sequence."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer (run the `tokenizer` stage first)")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def load_generator(
+    checkpoint: Path, adapter: Path | None = None, tokenizer: Path | None = None, device: str = "cpu"
+) -> Generator:
+    """models/base (or a training checkpoint) plus an optional LoRA adapter (models/lora). The tokenizer
+    comes from `tokenizer`, else from the first of checkpoint and adapter that holds tokenizer.json."""
+    from model.lora import load_adapter
+    from model.train import load_checkpoint
+
+    model = load_checkpoint(Path(checkpoint))
+    if adapter is not None:
+        load_adapter(model, Path(adapter))
+    if tokenizer is None:
+        holders = [Path(d) for d in (checkpoint, adapter) if d is not None]
+        tokenizer = next((d for d in holders if (d / TOKENIZER_FILE).is_file()), Path(checkpoint))
+    return Generator(model.to(device).eval(), load_tokenizer(tokenizer))
