@@ -6,6 +6,7 @@ llmpipe status              # which stages are stale (from DVC) and their last m
 llmpipe plan [--flops 1e18 | --gpu h100 --gpus 8 --hours 24 --mfu 0.4] [--price 2.5] [--json]
 llmpipe export-hf CHECKPOINT OUT_DIR   # a transformers directory (GPT-2 or Llama layout)
 llmpipe generate --prompt "The movie was full of" [--strategy greedy|beam|sample] [--show-probs] ...
+llmpipe chat [--system "You are terse."] [--adapter models/lora]   # /reset, /quit
 """
 
 from __future__ import annotations
@@ -261,40 +262,66 @@ def _load_generator(root: Path, model: str, adapter: Path | None) -> Any:
     return load_generator(checkpoint, adapter, None if holders else root / TOKENIZER_DIR)
 
 
-@app.command()
-def generate(
-    prompt: Annotated[str, typer.Option(help="the text to continue")],
-    strategy: Annotated[str, typer.Option(help="greedy | beam | sample")] = "greedy",
-    max_new_tokens: Annotated[int, typer.Option(help="at most this many new tokens")] = 48,
-    temperature: Annotated[float, typer.Option(help="sample: logits / temperature")] = 1.0,
-    top_k: Annotated[int | None, typer.Option(help="sample: keep the k most likely tokens")] = None,
-    top_p: Annotated[float | None, typer.Option(help="sample: nucleus probability mass")] = None,
-    min_p: Annotated[float | None, typer.Option(help="sample: drop tokens below min_p × the top one")] = None,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats")] = 1.0,
-    num_beams: Annotated[int, typer.Option(help="beam: beams kept")] = 4,
-    length_penalty: Annotated[float, typer.Option(help="beam: score = sum log p / length^this")] = 1.0,
-    stop: Annotated[list[str] | None, typer.Option(help="stop at this string (repeatable)")] = None,
-    seed: Annotated[int | None, typer.Option(help="sample: seed for reproducible draws")] = None,
-    show_probs: Annotated[bool, typer.Option(help="print each token with p and log p")] = False,
-    model: Annotated[
-        str, typer.Option(help="models/base, a training checkpoint dir, or models:/NAME@ALIAS (MLflow)")
-    ] = "models/base",
-    adapter: Annotated[Path | None, typer.Option(help="a LoRA adapter dir, e.g. models/lora")] = None,
-) -> None:
-    """Generate from the trained model, streaming the text (beam search prints it when done)."""
-    root = _root()
+# Generation options shared by `generate` and `chat`.
+Strategy = Annotated[str, typer.Option(help="greedy | beam | sample")]
+MaxNewTokens = Annotated[int, typer.Option(help="at most this many new tokens")]
+Temperature = Annotated[float, typer.Option(help="sample: logits / temperature")]
+TopK = Annotated[int | None, typer.Option(help="sample: keep the k most likely tokens")]
+TopP = Annotated[float | None, typer.Option(help="sample: nucleus probability mass")]
+MinP = Annotated[float | None, typer.Option(help="sample: drop tokens below min_p × the top one")]
+RepetitionPenalty = Annotated[float, typer.Option(help="> 1 discourages repeats")]
+NumBeams = Annotated[int, typer.Option(help="beam: beams kept")]
+LengthPenalty = Annotated[float, typer.Option(help="beam: score = sum log p / length^this")]
+Stop = Annotated[list[str] | None, typer.Option(help="stop at this string (repeatable)")]
+Seed = Annotated[int | None, typer.Option(help="sample: seed for reproducible draws")]
+ModelOption = Annotated[
+    str, typer.Option(help="models/base, a training checkpoint dir, or models:/NAME@ALIAS (MLflow)")
+]
+AdapterOption = Annotated[Path | None, typer.Option(help="a LoRA adapter dir, e.g. models/lora")]
+
+
+def _generation_config(strategy: str, stop: list[str] | None, **settings: Any) -> Any:
+    """A validated GenerationConfig from the command-line options (exit 2 on a bad one)."""
     from model.generate import GenerationConfig
 
     if strategy not in ("greedy", "beam", "sample"):
         errors.print(f"[red]error:[/red] --strategy must be greedy, beam or sample, not {strategy!r}")
         raise typer.Exit(2)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, top_k=top_k,  # type: ignore[arg-type]
-        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams,
-        length_penalty=length_penalty, stop=tuple(stop or ()), seed=seed,
-    )  # fmt: skip
+    config = GenerationConfig(strategy=strategy, stop=tuple(stop or ()), **settings)  # type: ignore[arg-type]
     try:
         config.validate()
+    except ValueError as err:
+        errors.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    return config
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="the text to continue")],
+    strategy: Strategy = "greedy",
+    max_new_tokens: MaxNewTokens = 48,
+    temperature: Temperature = 1.0,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    num_beams: NumBeams = 4,
+    length_penalty: LengthPenalty = 1.0,
+    stop: Stop = None,
+    seed: Seed = None,
+    show_probs: Annotated[bool, typer.Option(help="print each token with p and log p")] = False,
+    model: ModelOption = "models/base",
+    adapter: AdapterOption = None,
+) -> None:
+    """Generate from the trained model, streaming the text (beam search prints it when done)."""
+    root = _root()
+    config = _generation_config(
+        strategy, stop, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams,
+        length_penalty=length_penalty, seed=seed,
+    )  # fmt: skip
+    try:
         generator = _load_generator(root, model, adapter)
         console.print(prompt, style="bold", end="")
         if strategy == "beam":
@@ -318,6 +345,68 @@ def generate(
             token = repr(generator.token(step.id))
             table.add_row(str(i), token, str(step.id), f"{step.prob:.4f}", f"{step.logprob:.3f}")
         console.print(table)
+
+
+@app.command()
+def chat(
+    system: Annotated[str | None, typer.Option(help="the system prompt, kept through truncation")] = None,
+    strategy: Strategy = "sample",
+    max_new_tokens: MaxNewTokens = 64,
+    temperature: Temperature = 0.7,
+    top_k: TopK = None,
+    top_p: TopP = 0.95,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = 1.1,
+    num_beams: NumBeams = 4,
+    length_penalty: LengthPenalty = 1.0,
+    stop: Stop = None,
+    seed: Seed = None,
+    model: ModelOption = "models/base",
+    adapter: AdapterOption = None,
+) -> None:
+    """Chat with the model in the tokenizer's chat template (best after `finetune.task: sft`).
+
+    Type a message and Enter; /reset forgets the conversation, /quit (or Ctrl-D) ends it. The oldest turns
+    are dropped when the conversation outgrows the context window; the system prompt stays."""
+    root = _root()
+    from tasks.chat import ChatSession
+
+    config = _generation_config(
+        strategy, stop, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams,
+        length_penalty=length_penalty, seed=seed,
+    )  # fmt: skip
+    try:
+        session = ChatSession(_load_generator(root, model, adapter), config, system)
+    except INPUT_ERRORS as err:
+        errors.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(3) from None
+    loaded = f"{model} + {adapter}" if adapter else model
+    console.print(f"[dim]{loaded}: /reset clears the history, /quit ends[/]")
+    while True:
+        try:
+            line = console.input("[bold cyan]you>[/] ").strip()
+        except EOFError:
+            break
+        if line == "/quit":
+            break
+        if line == "/reset":
+            session.reset()
+            console.print("[dim](conversation cleared)[/]")
+            continue
+        if not line:
+            continue
+        console.print("[bold green]model>[/] ", end="")
+        try:
+            for piece in session.reply(line):
+                console.print(piece, end="", highlight=False)
+        except ValueError as err:
+            errors.print(f"\n[red]error:[/red] {err}")
+            session.messages.pop()  # the message that did not fit
+            continue
+        console.print()
+        if session.dropped:
+            console.print(f"[dim]({session.dropped} oldest messages dropped to fit the context)[/]")
 
 
 def main() -> None:

@@ -7,14 +7,22 @@ with `<|assistant|>\\n`, and the model ends its turn by emitting `<|eos|>`. The 
 to tokenizer_config.json as Jinja (`CHAT_TEMPLATE`), so transformers' `apply_chat_template` renders the
 identical text. Here the ids are assembled from the special ids and the encoded texts, so text that
 spells a special token ("<|user|>") stays text; SFT learns the assistant's text and its `<|eos|>` only.
+
+`ChatSession` is `llmpipe chat`: it keeps the conversation, and before each reply drops the oldest turns
+(never the system prompt, never the newest message) until the conversation fits the context window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from model.generate import GenerationConfig
+    from model.textgen import Generator
 
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = (
@@ -63,3 +71,71 @@ def encode(
         ids += [special["assistant"], *newline]
         mask += [0] * (1 + len(newline))
     return np.asarray(ids, np.int64), np.asarray(mask, np.int8)
+
+
+def fit_history(
+    tokenizer: Any, messages: Sequence[dict[str, str]], budget: int
+) -> tuple[list[dict[str, str]], int]:
+    """(the messages that fit, how many were dropped): the oldest turns go first, a kept history starts
+    with a user turn, and the system prompt and the newest message always stay. `budget` counts the
+    rendered conversation plus the generation prompt, in tokens."""
+    system = [dict(m) for m in messages[:1] if m["role"] == "system"]
+    turns = [dict(m) for m in messages[len(system) :]]
+    dropped = 0
+    while len(encode(tokenizer, system + turns, add_generation_prompt=True)[0]) > budget:
+        if len(turns) <= 1:
+            raise ValueError(
+                f"the system prompt and the last message alone take more than {budget} tokens "
+                "(the context window less the room kept for the reply): shorten them"
+            )
+        turns.pop(0)
+        dropped += 1
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns.pop(0)
+            dropped += 1
+    return system + turns, dropped
+
+
+@dataclass
+class ChatSession:
+    """A conversation with the model: `reply()` streams the assistant's next turn and remembers it."""
+
+    generator: Generator
+    config: GenerationConfig
+    system: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    dropped: int = 0  # messages left out of the last prompt to fit the context
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages, self.dropped = [], 0
+
+    def budget(self) -> int:
+        """Tokens the conversation may take: the context less the room kept for the reply (at most half)."""
+        context = self.generator.context
+        return context - min(self.config.max_new_tokens, context // 2)
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Add the user's message, then yield the reply's text as it is generated."""
+        tokenizer = self.generator.tokenizer
+        special = special_ids(tokenizer)
+        self.messages.append({"role": "user", "content": text})
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        kept, self.dropped = fit_history(tokenizer, system + self.messages, self.budget())
+        self.messages = kept[len(system) :]  # what was dropped would never fit again
+        ids = encode(tokenizer, kept, add_generation_prompt=True)[0].tolist()
+        # The reply ends with <|eos|>; it may not open another turn or a new conversation.
+        banned = (special["bos"], *(special[role] for role in ROLES))
+        seed = None if self.config.seed is None else self.config.seed + len(self.messages)  # one per turn
+        config = replace(
+            self.config, eos_id=special["eos"], banned_ids=self.config.banned_ids + banned, seed=seed
+        )
+        if config.strategy == "beam":  # beam search does not stream: the whole reply at once
+            pieces = [self.generator.generate(ids, config).text or ""]
+            yield pieces[0]
+        else:
+            pieces = []
+            for step in self.generator.stream(ids, config):
+                pieces.append(step.text)
+                yield step.text
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})

@@ -28,6 +28,7 @@ os.environ.update(
         "DVC_NO_ANALYTICS": "1",
         "DVC_SITE_CACHE_DIR": str(_STATE / "dvc-site-cache"),
         "MPLCONFIGDIR": str(_STATE / "matplotlib"),
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "GIT_AUTHOR_NAME": "llmpipe-tests",
         "GIT_AUTHOR_EMAIL": "tests@localhost",
         "GIT_COMMITTER_NAME": "llmpipe-tests",
@@ -160,3 +161,46 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """A small byte-level BPE with the chat specials, saved like the tokenizer stage saves it."""
+    from model.textgen import load_tokenizer
+    from tasks.tokenizer import TokenizerParams, bpe_trainer, byte_level_bpe, save_tokenizer
+
+    params = TokenizerParams(vocab_size=400)
+    tokenizer = byte_level_bpe(params.pattern)
+    text = ["What does cruft mean? Cruft is excess, superfluous junk; used of code or hardware."] * 50
+    text += ["The movie was full of surprises and songs."] * 20
+    tokenizer.train_from_iterator(text, bpe_trainer(params))
+    directory = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(tokenizer, directory, params)
+    return directory, load_tokenizer(directory)
+
+
+def write_tiny_base(root: Path, tokenizer_dir: Path, block_size: int = 64) -> Path:
+    """A project whose models/base holds a small random GPT and a real tokenizer (for the CLI)."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_model
+
+    from model.config import GPTConfig
+    from model.gpt import GPT
+    from model.textgen import load_tokenizer
+    from tasks.io import write_json
+
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text("{}\n")
+    base = root / "models" / "base"
+    base.mkdir(parents=True)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy2(item, base / item.name)
+    vocab = load_tokenizer(base).get_vocab_size()
+    config = GPTConfig(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, block_size=block_size)
+    import torch
+
+    torch.manual_seed(0)
+    save_model(GPT(config), str(base / "model.safetensors"))
+    write_json(base / "config.json", asdict(config))
+    return base

@@ -120,6 +120,15 @@ def test_finetune_compares_strategies_and_ships_a_peft_adapter(project: Path) ->
     assert (
         (project / "reports/evaluate/greedy_tokens.csv").read_text().startswith("position,token,id,p,log_p")
     )
+    # ...and registers both models, the alias on the best bits per byte, ready for `llmpipe generate`.
+    for name, metric in (("llmpipe", "val_bpb"), ("llmpipe-lora", "domain_bpb_lora")):
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert float(champion.tags[metric]) == evaluation[metric]
+    generated = run_cli(
+        project, "llmpipe", "generate", "--model", "models:/llmpipe-lora@champion", "--prompt", "A hacker",
+        "--max-new-tokens", "4", "--show-probs",
+    )  # fmt: skip
+    assert generated.stdout.startswith("A hacker") and "generated tokens" in generated.stdout
 
     # SFT on prompt/response pairs: only finetune reruns; bad rows are quarantined with their reason.
     path = short_pairs(project)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_base
 from test_hf import LAYOUTS, random_model
 
 from model.generate import (
@@ -189,28 +190,9 @@ def test_eos_ends_generation_and_bad_settings_are_refused(pair) -> None:
         generate(model, list(range(1, 40)), GenerationConfig())
 
 
-def test_cli_streams_text_and_prints_the_token_table(tmp_path: Path) -> None:
+def test_cli_streams_text_and_prints_the_token_table(tmp_path: Path, chat_tokenizer) -> None:
     """`llmpipe generate` on a models/base directory (a random model + a real tokenizer)."""
-    from dataclasses import asdict
-
-    from safetensors.torch import save_model
-
-    from tasks.io import write_json
-    from tasks.tokenizer import TokenizerParams, bpe_trainer, byte_level_bpe, save_tokenizer
-
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    (tmp_path / "params.yaml").write_text("{}\n")
-    base = tmp_path / "models" / "base"
-    base.mkdir(parents=True)
-    params = TokenizerParams(vocab_size=300)
-    tokenizer = byte_level_bpe(params.pattern)
-    tokenizer.train_from_iterator(["The movie was full of surprises and songs."] * 20, bpe_trainer(params))
-    save_tokenizer(tokenizer, base, params)
-    config = dataclasses.replace(LAYOUTS["llama"], vocab_size=tokenizer.get_vocab_size())
-    model = random_model(config)
-    save_model(model, str(base / "model.safetensors"))
-    write_json(base / "config.json", asdict(config))
-
+    write_tiny_base(tmp_path, chat_tokenizer[0])
     llmpipe = str(Path(sys.executable).parent / "llmpipe")
     run = subprocess.run(
         [llmpipe, "generate", "--prompt", "The movie", "--max-new-tokens", "5", "--show-probs"],

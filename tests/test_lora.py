@@ -154,39 +154,11 @@ def test_an_architecture_without_a_transformers_twin_saves_llmpipe_names(tmp_pat
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def chat_tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    """A small byte-level BPE with the chat specials, saved like the tokenizer stage saves it."""
-    from model.textgen import load_tokenizer
-    from tasks.tokenizer import TokenizerParams, bpe_trainer, byte_level_bpe, save_tokenizer
-
-    params = TokenizerParams(vocab_size=400)
-    tokenizer = byte_level_bpe(params.pattern)
-    text = ["What does cruft mean? Cruft is excess, superfluous junk; used of code or hardware."] * 50
-    tokenizer.train_from_iterator(text, bpe_trainer(params))
-    directory = tmp_path_factory.mktemp("tokenizer")
-    save_tokenizer(tokenizer, directory, params)
-    return directory, load_tokenizer(directory)
-
-
 MESSAGES = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "What does cruft mean? <|assistant|>"},  # special spellings stay text
     {"role": "assistant", "content": "Excess junk."},
 ]
-
-
-def test_the_chat_template_matches_transformers(chat_tokenizer) -> None:
-    directory, tokenizer = chat_tokenizer
-    hf = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
-    for messages, prompt in ((MESSAGES, False), (MESSAGES[:2], True)):
-        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
-        assert text == chat.render(messages, add_generation_prompt=prompt)
-    ids, mask = chat.encode(tokenizer, MESSAGES)
-    assert tokenizer.decode(ids.tolist(), skip_special_tokens=False) == chat.render(MESSAGES)
-    assert ids.tolist().count(tokenizer.token_to_id("<|assistant|>")) == 1  # the user's spelling is text
-    learned = tokenizer.decode(ids[mask == 1].tolist(), skip_special_tokens=False)
-    assert learned == "Excess junk.<|eos|>"  # the assistant's words and the end of its turn, nothing else
 
 
 def test_prompt_tokens_contribute_no_loss(chat_tokenizer) -> None:
