@@ -8,7 +8,8 @@ Used by `llmpipe generate` and `llmpipe chat`, the evaluate stage and the MLflow
 them encode prompts and decode answers the same way: special-token spellings typed in a prompt stay text
 (`encode_special_tokens`, as the tokenizer stage requires), special tokens are left out of the decoded
 text, and an empty prompt means "the start of a document" (the `<|eos|>` that ends the one before it).
-Depends on torch, tokenizers and model/ only (the pyfunc model ships model/ as its code).
+Depends on torch, tokenizers and model/ only (the pyfunc model ships model/ as its code); torch is
+imported on first use, so the tokenizer stages can load a tokenizer from here without it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
-from model.generate import Generation, GenerationConfig, Step, generate_batch, stream
-from model.gpt import GPT
+if TYPE_CHECKING:
+    from model.generate import Generation, GenerationConfig, Step
+    from model.gpt import GPT
 
 TOKENIZER_FILE = "tokenizer.json"
 EOS_TOKEN = "<|eos|>"
@@ -65,9 +68,13 @@ class Generator:
         self, prompts: Sequence[str | Sequence[int]], config: GenerationConfig
     ) -> list[Generation]:
         """Several prompts in one left-padded batch (beam search: one after another)."""
+        from model.generate import generate_batch
+
         return generate_batch(self.model, [self._ids(p) for p in prompts], self._config(config), self.decode)
 
     def stream(self, prompt: str | Sequence[int], config: GenerationConfig) -> Iterator[Step]:
+        from model.generate import stream
+
         return stream(self.model, self._ids(prompt), self._config(config), self.decode)
 
 

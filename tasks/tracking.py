@@ -41,10 +41,13 @@ def default_tracking_uri(root: Path) -> str:
 def configure(root: Path) -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI or the embedded store; return the experiment id."""
     embedded = default_tracking_uri(root)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or embedded
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = exported or embedded
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if not exported:  # set_tracking_uri exports it; a later project (or child process) must not inherit it
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:

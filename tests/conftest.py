@@ -3,13 +3,16 @@ the project (its own git repo + DVC) to run `dvc repro`, `llmpipe` and the Prefe
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -138,6 +141,36 @@ def make_project(destination: Path) -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
+
+
+@dataclass
+class BuiltProject:
+    """A test project after one full `dvc repro` (built once per session: every stage costs seconds)."""
+
+    root: Path
+    first_repro: subprocess.CompletedProcess[str]  # what that first `dvc repro` printed
+
+    def copy(self, destination: Path) -> Path:
+        """A copy to change freely: the same data, DVC cache, git history and MLflow runs."""
+        shutil.copytree(self.root, destination, symlinks=True)
+        # MLflow's store records absolute artifact locations; point the copy's at the copy.
+        with contextlib.closing(sqlite3.connect(destination / ".llmpipe" / "mlflow.db")) as db, db:
+            tables = [row[0] for row in db.execute("select name from sqlite_master where type = 'table'")]
+            for table in tables:
+                for column in [row[1] for row in db.execute(f'pragma table_info("{table}")')]:
+                    db.execute(
+                        f'update "{table}" set "{column}" = replace("{column}", ?, ?) '
+                        f'where typeof("{column}") = \'text\' and instr("{column}", ?) > 0',
+                        (str(self.root), str(destination), str(self.root)),
+                    )
+        return destination
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory: pytest.TempPathFactory) -> BuiltProject:
+    """Use `built_project.copy(tmp_path / "project")` in a test; never change `root` itself."""
+    root = make_project(tmp_path_factory.mktemp("built") / "project")
+    return BuiltProject(root, run_cli(root, "dvc", "repro"))
 
 
 def run_cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

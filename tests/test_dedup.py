@@ -527,10 +527,10 @@ def test_verify_false_still_removes_close_pairs(tmp_path: Path) -> None:
 def test_dvc_reruns_only_dedup_when_its_params_change(project: Path) -> None:
     # in-process stages: spawning worker pools for a handful of documents only costs time
     set_overrides(project / "params.yaml", ["normalize.workers=1", "dedup.workers=1"])
-    run_cli(project, "dvc", "repro")
+    run_cli(project, "dvc", "repro", "dedup")
     assert (project / "data" / "dedup").is_dir() and (project / "metrics" / "dedup.json").is_file()
     set_overrides(project / "params.yaml", ["dedup.threshold=0.7"])
-    second = run_cli(project, "dvc", "repro")
+    second = run_cli(project, "dvc", "repro", "dedup")
     assert "Running stage 'dedup'" in second.stdout
     assert "Running stage 'ingest'" not in second.stdout
     assert "Running stage 'normalize'" not in second.stdout

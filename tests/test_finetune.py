@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import BuiltProject, run_cli
 
 from model.lora import load_adapter, lora_param_count, read_settings
 from model.train import load_checkpoint
@@ -37,11 +37,15 @@ def short_pairs(project: Path) -> Path:
     return path
 
 
-def test_finetune_compares_strategies_and_ships_a_peft_adapter(project: Path) -> None:
+def test_finetune_compares_strategies_and_ships_a_peft_adapter(
+    built_project: BuiltProject, tmp_path: Path
+) -> None:
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
+    project = built_project.copy(tmp_path / "project")
     set_overrides(project / "params.yaml", ["finetune.compare=true", "finetune.steps=12"])
-    run_cli(project, "dvc", "repro", "finetune")
+    rerun = run_cli(project, "dvc", "repro", "finetune")
+    assert "Running stage 'finetune'" in rerun.stdout and "Running stage 'domain'" not in rerun.stdout
 
     domain = metrics(project, "domain")
     assert domain["docs"] >= 2 and domain["val_tokens"] > 0 and domain["tokenize"]["val_docs"] >= 1
@@ -90,7 +94,7 @@ def test_finetune_compares_strategies_and_ships_a_peft_adapter(project: Path) ->
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / '.llmpipe' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("llmpipe").experiment_id])
-    by_stage = {run.data.tags["llmpipe.stage"]: run for run in runs}
+    by_stage = {run.data.tags["llmpipe.stage"]: run for run in reversed(runs)}  # the newest of each
     finetune_run = by_stage["finetune"]
     assert finetune_run.data.tags[BASE_RUN_TAG] == by_stage["pretrain"].info.run_id
     artifacts = {a.path for a in client.list_artifacts(finetune_run.info.run_id, "adapter")}
@@ -120,10 +124,15 @@ def test_finetune_compares_strategies_and_ships_a_peft_adapter(project: Path) ->
     assert (
         (project / "reports/evaluate/greedy_tokens.csv").read_text().startswith("position,token,id,p,log_p")
     )
-    # ...and registers both models, the alias on the best bits per byte, ready for `llmpipe generate`.
+    # ...and registers both models (a second version each: the built project's evaluate registered the
+    # first), with the alias on the best bits per byte, ready for `llmpipe generate`.
     for name, metric in (("llmpipe", "val_bpb"), ("llmpipe-lora", "domain_bpb_lora")):
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert sorted(int(v.version) for v in versions) == [1, 2]
+        latest = next(v for v in versions if int(v.version) == 2)
+        assert float(latest.tags[metric]) == evaluation[metric]
         champion = client.get_model_version_by_alias(name, "champion")
-        assert float(champion.tags[metric]) == evaluation[metric]
+        assert float(champion.tags[metric]) == min(float(v.tags[metric]) for v in versions)
     generated = run_cli(
         project, "llmpipe", "generate", "--model", "models:/llmpipe-lora@champion", "--prompt", "A hacker",
         "--max-new-tokens", "4", "--show-probs",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import BuiltProject, run_cli
 
 from tasks.params import set_overrides
 from tasks.runner import STAGES
@@ -63,9 +63,17 @@ def assert_logged_metrics(root: Path, stage: str, run) -> None:
     assert curves == {"pretrain": PRETRAIN_CURVES, "finetune": FINETUNE_CURVES}.get(stage, set())
 
 
-def test_dvc_repro_builds_then_noops_then_reruns_only_what_changed(project: Path) -> None:
-    first = run_cli(project, "dvc", "repro")
-    assert "Running stage 'ingest'" in first.stdout and "Running stage 'normalize'" in first.stdout
+def latest_pipeline_run(root: Path):
+    parents = [run for run in all_runs(root) if run.data.tags.get("llmpipe.pipeline") == "true"]
+    return max(parents, key=lambda run: run.info.start_time)
+
+
+def test_dvc_repro_and_llmpipe_run_build_noop_and_rerun_only_what_changed(
+    built_project: BuiltProject, tmp_path: Path
+) -> None:
+    first = built_project.first_repro.stdout  # the whole pipeline, from nothing
+    assert all(f"Running stage '{stage}'" in first for stage in STAGES)
+    project = built_project.copy(tmp_path / "project")
     ingest, normalize = metrics(project, "ingest"), metrics(project, "normalize")
     assert (ingest["docs_out"], ingest["quarantined"]) == (3, 2)  # bad JSON line + binary file
     assert ingest["docs_in"] == ingest["docs_out"] + ingest["quarantined"]
@@ -86,52 +94,40 @@ def test_dvc_repro_builds_then_noops_then_reruns_only_what_changed(project: Path
     assert "Running stage" not in second.stdout
     assert len(all_runs(project)) == len(STAGES)  # a no-op logs nothing
 
-    set_overrides(project / "params.yaml", ["normalize.min_words=100"])  # drops short documents
-    third = run_cli(project, "dvc", "repro")
-    assert "Running stage 'normalize'" in third.stdout and "Running stage 'dedup'" in third.stdout
-    assert "Running stage 'ingest'" not in third.stdout
-    assert metrics(project, "dedup")["docs_in"] == metrics(project, "normalize")["docs_out"] < 3
-    assert run_cli(project, "dvc", "status").stdout.strip().endswith("Data and pipelines are up to date.")
-
-
-def latest_pipeline_run(root: Path):
-    parents = [run for run in all_runs(root) if run.data.tags.get("llmpipe.pipeline") == "true"]
-    return max(parents, key=lambda run: run.info.start_time)
-
-
-def test_llmpipe_run_and_dvc_repro_share_one_state(project: Path) -> None:
-    run_cli(project, "dvc", "repro")
+    # `llmpipe run` (the Prefect flow) shares DVC's state: nothing to do, every stage skipped...
     quiet = run_cli(project, "llmpipe", "run")
     assert "skipped" in quiet.stdout
     tags = latest_pipeline_run(project).data.tags
     assert {tags[f"status.{stage}"] for stage in STAGES} == {"skipped"}
 
-    run_cli(project, "llmpipe", "run", "-S", "normalize.min_words=100")
+    # ... and a changed param reruns its stage and what depends on it, not what comes before.
+    run_cli(project, "llmpipe", "run", "-S", "normalize.min_words=100")  # drops short documents
     assert yaml.safe_load((project / "params.yaml").read_text())["normalize"]["min_words"] == 100
     tags = latest_pipeline_run(project).data.tags
-    assert (tags["status.ingest"], tags["status.normalize"], tags["status.dedup"]) == (
-        "skipped",
-        "ran",
-        "ran",
-    )
+    statuses = (tags["status.ingest"], tags["status.normalize"], tags["status.dedup"])
+    assert statuses == ("skipped", "ran", "ran")
+    assert metrics(project, "dedup")["docs_in"] == metrics(project, "normalize")["docs_out"] < 3
     after = run_cli(project, "dvc", "repro")
     assert "Running stage" not in after.stdout
-
+    assert run_cli(project, "dvc", "status").stdout.strip().endswith("Data and pipelines are up to date.")
     status = run_cli(project, "llmpipe", "status")
     assert "up to date" in status.stdout and "stale" not in status.stdout
 
 
-def test_prefect_flow_logs_one_parent_and_a_child_per_executed_stage(project: Path, prefect_harness) -> None:
+def test_prefect_flow_logs_one_parent_and_a_child_per_executed_stage(
+    built_project: BuiltProject, tmp_path: Path, prefect_harness
+) -> None:
     from flows.pipeline import pipeline
 
-    outcomes = pipeline(root=str(project))
-    assert [(o["stage"], o["status"]) for o in outcomes] == [(stage, "ran") for stage in STAGES]
+    project = built_project.copy(tmp_path / "project")
+    logged_before = len(all_runs(project))
+    forced = list(STAGES)[: list(STAGES).index("tokenize") + 1]  # the data stages, run again on purpose
+    outcomes = pipeline(root=str(project), to_stage="tokenize", force=True)
+    assert [(o["stage"], o["status"]) for o in outcomes] == [(stage, "ran") for stage in forced]
+    parent = latest_pipeline_run(project)
     runs = all_runs(project)
-    parents = [run for run in runs if run.data.tags.get("llmpipe.pipeline") == "true"]
-    assert len(parents) == 1
-    parent = parents[0]
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(run.data.tags["llmpipe.stage"] for run in children) == sorted(STAGES)
+    assert sorted(run.data.tags["llmpipe.stage"] for run in children) == sorted(forced)
     for child in children:
         stage = child.data.tags["llmpipe.stage"]
         assert {k: v for k, v in child.data.tags.items() if k.startswith("md5.")} == lock_md5s(project, stage)
@@ -140,12 +136,12 @@ def test_prefect_flow_logs_one_parent_and_a_child_per_executed_stage(project: Pa
     assert parent.data.metrics["normalize.docs_out"] == 3
     assert parent.data.tags["status.ingest"] == "ran"
 
-    again = pipeline(root=str(project))
+    again = pipeline(root=str(project))  # the same data came out: everything downstream is up to date
     assert [o["status"] for o in again] == ["skipped"] * len(STAGES)
-    forced = pipeline(root=str(project), only=["normalize"], force=True)
-    assert [(o["stage"], o["status"]) for o in forced] == [("normalize", "ran")]
-    # parent + a child per stage; parent only; parent + 1 child
-    assert len(all_runs(project)) == (1 + len(STAGES)) + 1 + 2
+    forced_one = pipeline(root=str(project), only=["normalize"], force=True)
+    assert [(o["stage"], o["status"]) for o in forced_one] == [("normalize", "ran")]
+    # parent + a child per forced stage; parent only; parent + 1 child
+    assert len(all_runs(project)) == logged_before + (1 + len(forced)) + 1 + 2
 
 
 def test_bad_override_or_stage_is_refused_before_anything_runs(project: Path) -> None:

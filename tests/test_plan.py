@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import BuiltProject, run_cli
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -213,8 +213,10 @@ def test_cli_plan_prints_a_table_or_json(tmp_path: Path, monkeypatch: pytest.Mon
     assert "--gpu must be one of h100, h100-pcie, h200, a100, l40s, l4, rtx4090, cpu" in bad.output
 
 
-def test_plan_stage_in_the_pipeline_reads_the_token_split(project: Path) -> None:
-    run_cli(project, "dvc", "repro", "plan")
+def test_plan_stage_in_the_pipeline_reads_the_token_split(
+    built_project: BuiltProject, tmp_path: Path
+) -> None:
+    project = built_project.copy(tmp_path / "project")
     plan = json.loads((project / PLAN_FILE).read_text())
     meta = json.loads((project / TOKENS_DIR / "meta.json").read_text())
     full = json.loads((project / "reports/plan/plan.json").read_text())

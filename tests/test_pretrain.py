@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import BuiltProject, run_cli
 
 from model.train import load_checkpoint
 from tasks.params import ParamsError, parse_section, set_overrides
@@ -36,8 +37,12 @@ def checkpoint_step(project: Path) -> int:
     return int(pointer.read_text().strip().removeprefix("step-")) if pointer.is_file() else 0
 
 
-def test_pretrain_resumes_a_killed_run_through_dvc_and_exports(project: Path) -> None:
+def test_pretrain_resumes_a_killed_run_through_dvc_and_exports(
+    built_project: BuiltProject, tmp_path: Path
+) -> None:
     transformers = pytest.importorskip("transformers")
+    project = built_project.copy(tmp_path / "project")
+    shutil.rmtree(project / ".llmpipe/checkpoints/pretrain")  # no earlier run to resume
     set_overrides(project / "params.yaml", FAST)
     run_cli(project, "dvc", "repro", "plan")
 
