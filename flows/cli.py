@@ -241,25 +241,29 @@ def export_hf(
     )
 
 
-def _load_generator(root: Path, model: str, adapter: Path | None) -> Any:
+def _load_generator(root: Path, model: str, adapter: Path | None, device: str) -> Any:
     """A directory (relative to the project), or a registered model pulled from the project's MLflow."""
     import tempfile
+
+    import torch
 
     from model.textgen import load_generator
     from tasks.layout import TOKENIZER_DIR
     from tasks.registry import download, is_mlflow_uri
 
     adapter = root / adapter if adapter else None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if is_mlflow_uri(model):
         from tasks.tracking import configure
 
         configure(root)
         with tempfile.TemporaryDirectory(prefix="llmpipe-model-") as tmp:
             checkpoint, registered_adapter = download(model, Path(tmp))
-            return load_generator(checkpoint, adapter or registered_adapter)
+            return load_generator(checkpoint, adapter or registered_adapter, device=device)
     checkpoint = root / model
     holders = [d for d in (checkpoint, adapter) if d is not None and (d / "tokenizer.json").is_file()]
-    return load_generator(checkpoint, adapter, None if holders else root / TOKENIZER_DIR)
+    return load_generator(checkpoint, adapter, None if holders else root / TOKENIZER_DIR, device)
 
 
 # Generation options shared by `generate` and `chat`.
@@ -278,6 +282,7 @@ ModelOption = Annotated[
     str, typer.Option(help="models/base, a training checkpoint dir, or models:/NAME@ALIAS (MLflow)")
 ]
 AdapterOption = Annotated[Path | None, typer.Option(help="a LoRA adapter dir, e.g. models/lora")]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... (auto: cuda when there is one)")]
 
 
 def _generation_config(strategy: str, stop: list[str] | None, **settings: Any) -> Any:
@@ -313,6 +318,7 @@ def generate(
     show_probs: Annotated[bool, typer.Option(help="print each token with p and log p")] = False,
     model: ModelOption = "models/base",
     adapter: AdapterOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Generate from the trained model, streaming the text (beam search prints it when done)."""
     root = _root()
@@ -322,7 +328,7 @@ def generate(
         length_penalty=length_penalty, seed=seed,
     )  # fmt: skip
     try:
-        generator = _load_generator(root, model, adapter)
+        generator = _load_generator(root, model, adapter, device)
         console.print(prompt, style="bold", end="")
         if strategy == "beam":
             result = generator.generate(prompt, config)
@@ -363,6 +369,7 @@ def chat(
     seed: Seed = None,
     model: ModelOption = "models/base",
     adapter: AdapterOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Chat with the model in the tokenizer's chat template (best after `finetune.task: sft`).
 
@@ -377,7 +384,7 @@ def chat(
         length_penalty=length_penalty, seed=seed,
     )  # fmt: skip
     try:
-        session = ChatSession(_load_generator(root, model, adapter), config, system)
+        session = ChatSession(_load_generator(root, model, adapter, device), config, system)
     except INPUT_ERRORS as err:
         errors.print(f"[red]error:[/red] {err}")
         raise typer.Exit(3) from None
@@ -400,10 +407,11 @@ def chat(
         try:
             for piece in session.reply(line):
                 console.print(piece, end="", highlight=False)
-        except ValueError as err:
+        except ValueError as err:  # the message does not fit; the conversation is unchanged
             errors.print(f"\n[red]error:[/red] {err}")
-            session.messages.pop()  # the message that did not fit
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            console.print(" [dim](interrupted)[/]", end="")
         console.print()
         if session.dropped:
             console.print(f"[dim]({session.dropped} oldest messages dropped to fit the context)[/]")

@@ -194,7 +194,7 @@ def stream(
 ) -> Iterator[Step]:
     """Greedy or sampled tokens one at a time; `Step.text` is the new text to print (with `decode`)."""
     for steps in _decode_loop(model, [prompt], config, decode, results=None):
-        yield steps[0]  # type: ignore[misc]  # a single row is active until the loop ends
+        yield steps[0]  # type: ignore[misc]  # never None: the loop ends when its only row finishes
 
 
 def left_pad(
@@ -226,11 +226,14 @@ def _decode_loop(
         raise ValueError("beam search does not stream: call generate()")
     if not prompts:
         return
-    budget = min(_room(model, prompt, config) for prompt in prompts)
+    budgets = [_room(model, prompt, config) for prompt in prompts]  # a shorter prompt has more room
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
+    # One seeded generator per row, so a row samples the same tokens in any batch as alone.
+    generators = None
+    if config.seed is not None:
+        generators = [torch.Generator(device=device).manual_seed(config.seed) for _ in prompts]
     ids, mask = left_pad(prompts, device)
     # Repetition penalty looks at each row's own tokens: padding stands in as the row's last prompt token.
     seen = ids if mask is None else torch.where(mask.bool(), ids, ids[:, -1:])
@@ -240,12 +243,15 @@ def _decode_loop(
     new_ids: list[list[int]] = [[] for _ in prompts]
     reasons: list[str | None] = [None] * len(prompts)
     try:
-        for step_number in range(1, budget + 1):
+        for step_number in range(1, max(budgets) + 1):
             scores = process(logits, seen, config)
             if config.strategy == "greedy":
                 tokens = scores.argmax(-1)
+            elif generators is None:
+                tokens = torch.multinomial(scores.softmax(-1), 1)[:, 0]
             else:
-                tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+                rows = zip(scores.softmax(-1), generators, strict=True)
+                tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in rows])
             logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0].tolist()
             steps: list[Step | None] = []
             for row, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs, strict=True)):
@@ -254,7 +260,7 @@ def _decode_loop(
                     continue
                 new_ids[row].append(token)
                 text, stopped = stoppers[row].text(new_ids[row])
-                if stopped or token == config.eos_id or step_number == budget:
+                if stopped or token == config.eos_id or step_number == budgets[row]:
                     reasons[row] = "stop" if stopped else "eos" if token == config.eos_id else "length"
                 step = Step(
                     token, math.exp(logprob), logprob, stoppers[row].release(text, reasons[row] is not None)
@@ -267,8 +273,9 @@ def _decode_loop(
             if all(reason is not None for reason in reasons):
                 break
             seen = torch.cat([seen, tokens[:, None]], dim=1)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if mask is not None:  # a finished row's filler token is padding: it takes no position
+                active = torch.tensor([reason is None for reason in reasons], device=device)
+                mask = torch.cat([mask, active[:, None].to(mask.dtype)], dim=1)
             logits = model(tokens[:, None], cache=cache, attention_mask=mask)[0][:, -1].float()
     finally:
         model.train(was_training)

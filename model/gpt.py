@@ -230,12 +230,11 @@ class GPT(nn.Module):
         """Logits (B, T, vocab); the mean cross-entropy over targets ≠ -100 when given; attention weights
         per layer (B, heads, T, start + T) when `return_attention`. `attention_mask` (B, start + T): 1 for
         tokens, 0 for left padding, covering the cached positions too."""
-        _, length = idx.shape
         start = cache.length if cache is not None else 0
-        if start + length > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + length} tokens exceeds block_size {self.config.block_size}"
-            )
+        # Padding takes no position, so a padded row may be longer than the context (generation only).
+        longest = start + idx.shape[1] if attention_mask is None else int(attention_mask.sum(-1).max())
+        if longest > self.config.block_size:
+            raise ValueError(f"sequence of {longest} tokens exceeds block_size {self.config.block_size}")
         positions, mask = self._positions_and_mask(idx, start, attention_mask)
         x = self.tok_emb(idx)
         if self.config.pos_encoding == "learned":

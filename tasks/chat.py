@@ -105,10 +105,11 @@ class ChatSession:
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
     dropped: int = 0  # messages left out of the last prompt to fit the context
+    turns: int = 0  # replies so far (a seeded session draws each turn from seed + turn)
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
-        self.messages, self.dropped = [], 0
+        self.messages, self.dropped, self.turns = [], 0, 0
 
     def budget(self) -> int:
         """Tokens the conversation may take: the context less the room kept for the reply (at most half)."""
@@ -116,26 +117,31 @@ class ChatSession:
         return context - min(self.config.max_new_tokens, context // 2)
 
     def reply(self, text: str) -> Iterator[str]:
-        """Add the user's message, then yield the reply's text as it is generated."""
+        """Add the user's message, then yield the reply's text as it is generated. A message that cannot
+        fit raises ValueError and leaves the conversation as it was; a reply cut short (the caller stops
+        iterating, Ctrl-C) is remembered as far as it got."""
         tokenizer = self.generator.tokenizer
         special = special_ids(tokenizer)
-        self.messages.append({"role": "user", "content": text})
         system = [{"role": "system", "content": self.system}] if self.system else []
-        kept, self.dropped = fit_history(tokenizer, system + self.messages, self.budget())
+        asked = [*system, *self.messages, {"role": "user", "content": text}]
+        kept, self.dropped = fit_history(tokenizer, asked, self.budget())
         self.messages = kept[len(system) :]  # what was dropped would never fit again
         ids = encode(tokenizer, kept, add_generation_prompt=True)[0].tolist()
         # The reply ends with <|eos|>; it may not open another turn or a new conversation.
         banned = (special["bos"], *(special[role] for role in ROLES))
-        seed = None if self.config.seed is None else self.config.seed + len(self.messages)  # one per turn
+        seed = None if self.config.seed is None else self.config.seed + self.turns
+        self.turns += 1
         config = replace(
             self.config, eos_id=special["eos"], banned_ids=self.config.banned_ids + banned, seed=seed
         )
-        if config.strategy == "beam":  # beam search does not stream: the whole reply at once
-            pieces = [self.generator.generate(ids, config).text or ""]
-            yield pieces[0]
-        else:
-            pieces = []
-            for step in self.generator.stream(ids, config):
-                pieces.append(step.text)
-                yield step.text
-        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+        pieces: list[str] = []
+        try:
+            if config.strategy == "beam":  # beam search does not stream: the whole reply at once
+                pieces.append(self.generator.generate(ids, config).text or "")
+                yield pieces[0]
+            else:
+                for step in self.generator.stream(ids, config):
+                    pieces.append(step.text)
+                    yield step.text
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})

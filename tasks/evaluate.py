@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,12 @@ class EvaluateParams:
             )
         if not self.prompts:
             raise ParamsError("params.yaml: evaluate.prompts is empty")
-        if self.register and not (self.registered_model.strip() and self.alias.strip()):
-            raise ParamsError("params.yaml: evaluate.registered_model and evaluate.alias must not be empty")
+        for key in ("registered_model", "alias"):
+            value = getattr(self, key)
+            if self.register and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+                raise ParamsError(
+                    f"params.yaml: evaluate.{key} must be letters, digits, '_', '.' or '-', got {value!r}"
+                )
 
 
 def _split_tokens(directory: Path, split: str, limit: int) -> np.ndarray:

@@ -13,6 +13,7 @@ Each version carries its score as the version tag `<metric>`, so promotion never
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
@@ -114,7 +115,7 @@ def register(
         )
     registered = str(info.registered_model_version)
     client = MlflowClient()
-    if value is not None:
+    if value is not None and math.isfinite(value):  # a diverged run (NaN) can never be champion
         client.set_model_version_tag(name, registered, metric, str(value))
     client.set_model_version_tag(name, registered, "metric", metric)
     champion = promote_best(name, metric, alias)
@@ -129,7 +130,7 @@ def promote_best(name: str, metric: str, alias: str) -> str | None:
     scored = [
         (float(v.tags[metric]), -int(v.version))
         for v in client.search_model_versions(f"name = '{name}'")
-        if metric in v.tags
+        if metric in v.tags and math.isfinite(float(v.tags[metric]))
     ]
     if not scored:
         return None
@@ -147,7 +148,10 @@ def download(uri: str, destination: Path) -> tuple[Path, Path | None]:
     runs:/RUN_ID/generator), downloaded into `destination`."""
     import mlflow
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination)))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(destination)))
+    except mlflow.exceptions.MlflowException as err:  # an unknown name, alias, version or run
+        raise FileNotFoundError(f"{uri}: {err.message}") from None
     base, adapter = local / "artifacts" / "base", local / "artifacts" / "adapter"
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"{uri}: not an llmpipe text generator (no artifacts/base/config.json)")

@@ -31,11 +31,15 @@ class TextGenerator(PythonModel):
     """llmpipe's GPT (+ LoRA adapter) and tokenizer as a pyfunc: prompts in, generated text out."""
 
     def load_context(self, context: Any) -> None:
+        import torch
+
         from model.textgen import load_generator
 
         adapter = context.artifacts.get("adapter")
         self.generator = load_generator(
-            Path(context.artifacts["base"]), adapter=Path(adapter) if adapter else None
+            Path(context.artifacts["base"]),
+            adapter=Path(adapter) if adapter else None,
+            device="cuda" if torch.cuda.is_available() else "cpu",
         )
 
     # A DataFrame hint is one MLflow infers no signature from (the logged one is explicit): every input
@@ -58,8 +62,9 @@ class TextGenerator(PythonModel):
                 "text": [result.text for result in results],
                 "finish_reason": [result.finish_reason for result in results],
                 "new_tokens": [len(result.ids) for result in results],
+                # 0.0 when nothing was generated (a stop string at once): JSON has no NaN
                 "mean_token_p": [
-                    sum(s.prob for s in result.steps) / len(result.steps) if result.steps else None
+                    sum(s.prob for s in result.steps) / len(result.steps) if result.steps else 0.0
                     for result in results
                 ],
             }

@@ -81,6 +81,10 @@ def test_a_session_streams_replies_and_keeps_within_the_context(chat_tokenizer) 
         shown = [{"role": "system", "content": "Be brief."}, *session.messages[:-1]]
         assert len(chat.encode(tokenizer, shown, True)[0]) <= session.budget()  # it fitted the context
     assert session.dropped > 0  # eight turns of ~25 tokens cannot fit 96 − 12
+    before = list(session.messages)
+    with pytest.raises(ValueError, match="shorten"):
+        list(session.reply("cruft " * 200))  # cannot fit even alone
+    assert session.messages == before  # the conversation is as it was
     session.reset()
     assert session.messages == [] and session.system == "Be brief."
 

@@ -138,6 +138,10 @@ def test_finetune_compares_strategies_and_ships_a_peft_adapter(
         "--max-new-tokens", "4", "--show-probs",
     )  # fmt: skip
     assert generated.stdout.startswith("A hacker") and "generated tokens" in generated.stdout
+    unknown = run_cli(
+        project, "llmpipe", "generate", "--model", "models:/nosuch@champion", "--prompt", "x", check=False
+    )
+    assert unknown.returncode == 3 and "nosuch" in unknown.stderr
 
     # SFT on prompt/response pairs: only finetune reruns; bad rows are quarantined with their reason.
     path = short_pairs(project)

@@ -107,16 +107,32 @@ def test_left_padded_batch_is_token_identical_to_transformers(pair, eos: int | N
         assert result.ids == expected
 
 
-@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
 def test_each_row_of_a_batch_gets_what_it_gets_alone(pair, strategy: str) -> None:
     ours, _ = pair
-    config = GenerationConfig(max_new_tokens=9, strategy=strategy, repetition_penalty=1.3, eos_id=EOS)  # type: ignore[arg-type]
+    config = GenerationConfig(
+        max_new_tokens=9,
+        strategy=strategy,
+        repetition_penalty=1.3,
+        eos_id=EOS,
+        seed=5,  # type: ignore[arg-type]
+    )
     for together, prompt in zip(generate_batch(ours, BATCH, config), BATCH, strict=True):
         alone = generate(ours, prompt, config)
         assert together.ids == alone.ids and together.finish_reason == alone.finish_reason
         assert [s.logprob for s in together.steps] == pytest.approx(
             [s.logprob for s in alone.steps], abs=1e-4
         )
+
+
+def test_a_short_prompt_in_a_batch_keeps_its_own_room(pair) -> None:
+    """Padding takes no position: each row may fill the context, however long the other prompts are."""
+    ours, _ = pair
+    block = ours.config.block_size
+    prompts = [[5] * (block - 3), [9, 4]]
+    results = generate_batch(ours, prompts, GenerationConfig(max_new_tokens=block))
+    assert [len(result.ids) for result in results] == [3, block - 2]
+    assert results[1].ids == generate(ours, prompts[1], GenerationConfig(max_new_tokens=block)).ids
 
 
 def test_filters_match_transformers_on_fixed_logits() -> None:

@@ -39,8 +39,9 @@ def store(tmp_path_factory: pytest.TempPathFactory, chat_tokenizer):
 
 def test_the_alias_follows_the_best_score(store) -> None:
     base, _, experiment = store
-    # (score logged, champion afterwards): a worse version leaves it, a better or equal one takes it
-    for value, champion in ((2.0, "1"), (3.0, "1"), (1.5, "3"), (1.5, "4")):
+    # (score logged, champion afterwards): a worse version leaves it, a better or equal one takes it, a
+    # diverged run (NaN) never does
+    for value, champion in ((2.0, "1"), (3.0, "1"), (1.5, "3"), (1.5, "4"), (float("nan"), "4")):
         with mlflow.start_run(experiment_id=experiment):
             registered = registry.register("tiny", base, None, "val_bpb", value, "champion")
         assert registered["champion"] == champion
