@@ -134,13 +134,18 @@ def run(
 
 @app.command()
 def status() -> None:
-    """Show each stage: up to date or stale (and why, from `dvc status`), with its last metrics."""
+    """Each stage: up to date or stale (and why, from `dvc status`), when it last ran, its MLflow run and
+    its last metrics."""
     root = _root()
+    from datetime import datetime
+
     from flows.stages import declared_stages, metrics_summary, stale_stages
+    from tasks.tracking import latest_stage_runs
 
     stale = stale_stages(root)
+    runs = latest_stage_runs(root)
     table = Table(title="llmpipe status")
-    for column in ("stage", "state", "why", "last metrics"):
+    for column in ("stage", "state", "why", "last run", "MLflow run", "last metrics"):
         table.add_column(column)
     upstream_stale = None
     for name in declared_stages(root):
@@ -154,7 +159,12 @@ def status() -> None:
             )
         else:
             state, why = "[green]up to date[/]", ""
-        table.add_row(name, state, why, metrics_summary(root, name))
+        run = runs.get(name)
+        when, run_id = "", ""
+        if run is not None:
+            when = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+            run_id = run.info.run_id[:12] + ("" if run.info.status == "FINISHED" else f" ({run.info.status})")
+        table.add_row(name, state, why, when, run_id, metrics_summary(root, name))
     console.print(table)
 
 

@@ -100,5 +100,9 @@ def metrics_summary(root: Path, stage: str, limit: int = 6) -> str:
     others = [
         key for key in metrics if key not in headline and not key.startswith(("dropped_", "quarantined_"))
     ]
-    shown = [f"{key}={metrics[key]}" for key in headline + others if isinstance(metrics[key], (int, float))]
+    shown = [
+        f"{key}={metrics[key]:.4g}" if isinstance(metrics[key], float) else f"{key}={metrics[key]}"
+        for key in headline + others
+        if isinstance(metrics[key], (int, float))
+    ]
     return ", ".join(shown[:limit])

@@ -19,7 +19,7 @@ from typing import Any
 
 import mlflow
 import yaml
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
 from tasks.io import dvc_md5, read_json
@@ -228,6 +228,29 @@ def find_stage_run(root: Path, parent_run_id: str, stage: str) -> str | None:
         output_format="list",
     )
     return runs[0].info.run_id if runs else None
+
+
+def has_store(root: Path) -> bool:
+    """Whether there are runs to read (a server, or the embedded store once something logged to it)."""
+    return bool(os.environ.get("MLFLOW_TRACKING_URI")) or (state_dir(root) / "mlflow.db").is_file()
+
+
+def latest_stage_runs(root: Path) -> dict[str, Run]:
+    """The most recent MLflow run of each stage (however it ran: llmpipe, dvc repro, a deployment)."""
+    if not has_store(root):
+        return {}
+    experiment_id = configure(root)
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.`{STAGE_TAG}` LIKE '%'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1000,
+        output_format="list",
+    )
+    latest: dict[str, Run] = {}
+    for run in runs:
+        latest.setdefault(run.data.tags[STAGE_TAG], run)
+    return latest
 
 
 def log_summary(root: Path, outcomes: list[dict[str, Any]]) -> None:

@@ -16,7 +16,7 @@ from conftest import BuiltProject, run_cli
 
 from tasks.params import set_overrides
 from tasks.runner import STAGES
-from tasks.tracking import numeric_metrics
+from tasks.tracking import latest_stage_runs, numeric_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +112,9 @@ def test_dvc_repro_and_llmpipe_run_build_noop_and_rerun_only_what_changed(
     assert run_cli(project, "dvc", "status").stdout.strip().endswith("Data and pipelines are up to date.")
     status = run_cli(project, "llmpipe", "status")
     assert "up to date" in status.stdout and "stale" not in status.stdout
+    latest = latest_stage_runs(project)  # what status shows as each stage's last run
+    assert set(latest) == set(STAGES)
+    assert latest["normalize"].info.start_time > latest["ingest"].info.start_time  # normalize ran again
 
 
 def test_prefect_flow_logs_one_parent_and_a_child_per_executed_stage(
