@@ -2,7 +2,8 @@
 
 llmpipe run [--only dedup] [--from X] [--to Y] [--force] [-S section.key=value ...]
 llmpipe stage NAME          # what dvc.yaml's `cmd` calls
-llmpipe status              # which stages are stale (from DVC) and their last metrics
+llmpipe status              # which stages are stale (from DVC), when they last ran, their last metrics
+llmpipe compare [RUN_ID ...] [--last N] [--metric val_bpb] [--promote]   # models across runs
 llmpipe plan [--flops 1e18 | --gpu h100 --gpus 8 --hours 24 --mfu 0.4] [--price 2.5] [--json]
 llmpipe export-hf CHECKPOINT OUT_DIR   # a transformers directory (GPT-2 or Llama layout)
 llmpipe generate --prompt "The movie was full of" [--strategy greedy|beam|sample] [--show-probs] ...
@@ -166,6 +167,75 @@ def status() -> None:
             run_id = run.info.run_id[:12] + ("" if run.info.status == "FINISHED" else f" ({run.info.status})")
         table.add_row(name, state, why, when, run_id, metrics_summary(root, name))
     console.print(table)
+
+
+def _number(value: float | None) -> str:
+    """Counts in full (3,503,053), other values to 4 significant digits, nothing for a missing one."""
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:.4g}"
+
+
+@app.command()
+def compare(
+    run_ids: Annotated[
+        list[str] | None, typer.Argument(help="evaluate (or pipeline) run ids; prefixes are fine")
+    ] = None,
+    last: Annotated[int, typer.Option(help="without run ids: the last N evaluated runs")] = 5,
+    metric: Annotated[
+        str, typer.Option(help="what decides the best run: val_bpb, pretrain.val_loss, ...")
+    ] = "val_bpb",
+    promote: Annotated[
+        bool, typer.Option(help="move the registry alias (evaluate.alias) to the best run's model")
+    ] = False,
+) -> None:
+    """Compare trained models across runs: the params that differ, key metrics, data md5, the best run;
+    writes the runs' pretraining loss curves to reports/compare/loss.png."""
+    root = _root()
+    from datetime import datetime
+
+    from tasks import compare as comparing
+    from tasks.params import load_section
+
+    try:
+        comparison = comparing.compare_runs(root, run_ids, last, metric)
+    except ValueError as err:
+        errors.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(3) from None
+    best = comparison.best
+    direction = "lower" if comparison.lower_is_better else "higher"
+    table = Table(title=f"llmpipe compare (best by {metric}, {direction} is better)")
+    table.add_column("")
+    for run in comparison.runs:
+        table.add_column(("★ " if run is best else "") + run.run_id[:8], justify="right")
+    started = [datetime.fromtimestamp(run.evaluate.info.start_time / 1000) for run in comparison.runs]
+    table.add_row("evaluated", *[when.strftime("%Y-%m-%d %H:%M") for when in started])
+    table.add_row(
+        "git commit", *[run.evaluate.data.tags.get("git_commit", "")[:8] for run in comparison.runs]
+    )
+    table.add_row(f"{comparing.DATA_PATH} md5", *[run.data_md5()[:8] for run in comparison.runs])
+    differing = comparison.differing_params()
+    for key, values in differing.items():
+        table.add_row(f"[cyan]{key}[/]", *values)
+    for name, values in comparison.metric_rows().items():
+        shown = [_number(value) for value in values]
+        table.add_row(f"[bold]{name}[/]" if name.endswith(metric) else name, *shown)
+    console.print(table)
+    if not differing:
+        console.print("[dim]the runs' logged params are identical[/]")
+    plot = comparing.plot_losses(comparison, root / "reports" / "compare" / "loss.png")
+    if plot is not None:
+        console.print(f"loss curves: {plot.relative_to(root)}")
+    if promote:
+        from tasks.evaluate import EvaluateParams
+
+        params = load_section(EvaluateParams, "evaluate", root / PARAMS_FILE)
+        try:
+            version = comparing.promote(comparison, params.registered_model, params.alias)
+        except ValueError as err:
+            errors.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(3) from None
+        console.print(f"{params.registered_model}@{params.alias} → version {version} (run {best.run_id[:8]})")
 
 
 @app.command()

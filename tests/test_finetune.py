@@ -14,6 +14,7 @@ from conftest import BuiltProject, run_cli
 
 from model.lora import load_adapter, lora_param_count, read_settings
 from model.train import load_checkpoint
+from tasks.compare import compare_runs
 from tasks.finetune import BASE_RUN_TAG, FinetuneParams
 from tasks.params import ParamsError, parse_section, set_overrides
 
@@ -142,6 +143,27 @@ def test_finetune_compares_strategies_and_ships_a_peft_adapter(
         project, "llmpipe", "generate", "--model", "models:/nosuch@champion", "--prompt", "x", check=False
     )
     assert unknown.returncode == 3 and "nosuch" in unknown.stderr
+
+    # `llmpipe compare`: the built project's evaluation against this one. Their lineages (found through
+    # the md5 tags) differ exactly in the two finetune params this test changed.
+    comparison = compare_runs(project, last=2, metric="domain_bpb_lora")
+    assert comparison.differing_params() == {
+        "finetune.compare": ["False", "True"],
+        "finetune.steps": ["6", "12"],
+    }
+    scores = [run.metric("domain_bpb_lora") for run in comparison.runs]
+    assert comparison.best is comparison.runs[scores.index(min(scores))]
+    assert (
+        comparison.runs[0].lineage["pretrain"].info.run_id
+        == comparison.runs[1].lineage["pretrain"].info.run_id
+    )
+    worst = comparison.runs[scores.index(max(scores))].evaluate.data.tags["llmpipe.registered.llmpipe"]
+    client.set_registered_model_alias("llmpipe", "champion", worst)
+    shown = run_cli(project, "llmpipe", "compare", "--last", "2", "--metric", "domain_bpb_lora", "--promote")
+    assert "finetune.steps" in shown.stdout and "pretrain.model" not in shown.stdout
+    promoted = comparison.best.evaluate.data.tags["llmpipe.registered.llmpipe"]
+    assert client.get_model_version_by_alias("llmpipe", "champion").version == int(promoted)
+    assert (project / "reports/compare/loss.png").stat().st_size > 0
 
     # SFT on prompt/response pairs: only finetune reruns; bad rows are quarantined with their reason.
     path = short_pairs(project)
