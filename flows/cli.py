@@ -2,6 +2,8 @@
 
 llmpipe run [--only dedup] [--from X] [--to Y] [--force] [-S section.key=value ...]
 llmpipe stage NAME          # what dvc.yaml's `cmd` calls
+llmpipe server              # a Prefect server on 127.0.0.1 (its database in .llmpipe/prefect)
+llmpipe serve --cron "0 3 * * *" [--only X] [--force] [--sync]   # the pipeline as a scheduled deployment
 llmpipe status              # which stages are stale (from DVC), when they last ran, their last metrics
 llmpipe compare [RUN_ID ...] [--last N] [--metric val_bpb] [--promote]   # models across runs
 llmpipe plan [--flops 1e18 | --gpu h100 --gpus 8 --hours 24 --mfu 0.4] [--price 2.5] [--json]
@@ -131,6 +133,62 @@ def run(
             metrics_summary(root, outcome["stage"]),
         )
     console.print(table)
+
+
+@app.command()
+def server(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 4200) -> None:
+    """Start a Prefect server on 127.0.0.1 (schedules need one), its database in .llmpipe/prefect/."""
+    _root()  # PREFECT_HOME and the database URL now point into the project
+    prefect = str(Path(sys.executable).parent / "prefect")
+    errors.print(
+        f"Prefect UI and API: http://127.0.0.1:{port}; in the shell that runs `llmpipe serve`:\n"
+        f"  export PREFECT_API_URL=http://127.0.0.1:{port}/api"
+    )
+    os.execv(prefect, [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)])
+
+
+@app.command()
+def serve(
+    name: Annotated[str, typer.Option(help="the deployment is llmpipe/NAME")] = "nightly",
+    cron: Annotated[str | None, typer.Option(help='a cron schedule, e.g. "0 3 * * *" (UTC)')] = None,
+    interval: Annotated[float | None, typer.Option(help="or: every this many seconds")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", help="the stages a scheduled run runs")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="scheduled runs rerun even up-to-date stages")
+    ] = False,
+    set_params: Annotated[
+        list[str] | None, typer.Option("-S", "--set-param", help="section.key=value for every run")
+    ] = None,
+    sync: Annotated[
+        bool, typer.Option(help="dvc pull before and dvc push after each run (with a remote)")
+    ] = False,
+) -> None:
+    """Serve the pipeline as a Prefect deployment on a schedule, until interrupted (needs `llmpipe server`).
+
+    Any run of it can change its parameters, e.g. rerun one stage:
+    prefect deployment run 'llmpipe/nightly' -p only=dedup -p force=true"""
+    root = _root()
+    if not os.environ.get("PREFECT_API_URL"):
+        errors.print(
+            "[red]error:[/red] schedules need a Prefect server: start `llmpipe server` (another "
+            "terminal) and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+        raise typer.Exit(2)
+    if (cron is None) == (interval is None):
+        errors.print("[red]error:[/red] give one of --cron or --interval")
+        raise typer.Exit(2)
+    from flows.pipeline import pipeline
+    from flows.stages import declared_stages, select_stages
+
+    selected = [stage for item in only or [] for stage in item.split(",") if stage]
+    try:
+        select_stages(declared_stages(root), selected or None)
+    except ValueError as err:
+        errors.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(3) from None
+    parameters = {"only": selected or None, "force": force, "overrides": set_params or [], "root": str(root)}
+    parameters["sync"] = sync
+    pipeline.serve(name=name, cron=cron, interval=interval, parameters=parameters, tags=["llmpipe"])
 
 
 @app.command()

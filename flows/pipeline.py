@@ -96,18 +96,47 @@ def summary_markdown(outcomes: list[dict[str, Any]], root: Path) -> str:
     return "\n".join(lines)
 
 
+@task(
+    name="dvc-sync", task_run_name="dvc {command}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE
+)
+def dvc_sync(command: str, root: Path) -> str:
+    """`dvc pull` / `dvc push` against the project's default remote; a no-op without one."""
+    logger = get_run_logger()
+    remotes = subprocess.run(
+        [sys.executable, "-m", "dvc", "remote", "list"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if not remotes:
+        logger.info("dvc %s: no DVC remote configured, nothing to do", command)
+        return "no remote"
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", command], cwd=root, capture_output=True, text=True, check=False
+    )
+    logger.info("dvc %s:\n%s", command, (done.stdout + done.stderr).strip())
+    if done.returncode != 0:
+        raise StageFailed(f"dvc {command} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    return "done"
+
+
 @flow(name="llmpipe", log_prints=True)
 def pipeline(
-    only: list[str] | None = None,
+    only: list[str] | str | None = None,
     from_stage: str | None = None,
     to_stage: str | None = None,
     force: bool = False,
     overrides: list[str] | None = None,
     root: str | None = None,
+    sync: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the selected stages in order, after writing `overrides` (`section.key=value`) to params.yaml."""
+    """Run the selected stages in order, after writing `overrides` (`section.key=value`) to params.yaml.
+
+    `only` takes a list or a comma-separated string (`prefect deployment run ... -p only=dedup`); with
+    `sync`, `dvc pull` runs first and `dvc push` last when the project has a DVC remote."""
     project = Path(root).resolve() if root else project_root()
+    if isinstance(only, str):
+        only = [name for name in only.split(",") if name]
     stages = select_stages(declared_stages(project), only, from_stage, to_stage)
+    if sync:
+        dvc_sync("pull", project)
     set_overrides(project / PARAMS_FILE, overrides or [], validate=validate_params)
     params = load_params_file(project / PARAMS_FILE)
     run_params = {
@@ -123,4 +152,6 @@ def pipeline(
         summary = summary_markdown(outcomes, project)
         create_markdown_artifact(markdown=summary, key="llmpipe-summary", description="llmpipe stages")
         tracking.log_summary(project, outcomes)
+    if sync:
+        dvc_sync("push", project)
     return outcomes

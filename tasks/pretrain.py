@@ -98,6 +98,7 @@ class PretrainParams(LoopParams):
     steps: int | None = None  # optimizer steps; null: the plan's
     batch_size: int | None = None  # sequences per step; null: the plan's
     log_model: bool = True  # copy models/base/ into the MLflow run's artifacts
+    nproc: int = 1  # processes (GPUs) on this node: > 1 relaunches the stage under torchrun (DDP)
 
     def train_config(self, plan: dict[str, Any]) -> TrainConfig:
         """The loop's config: the plan's steps and batch size unless set here, every other field as set."""
@@ -110,6 +111,8 @@ class PretrainParams(LoopParams):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ParamsError(f"params.yaml: pretrain.{key} must be ≥ 1 or null, got {value}")
+        if self.nproc < 1:
+            raise ParamsError(f"params.yaml: pretrain.nproc must be ≥ 1, got {self.nproc}")
         placeholder = {"training": {"steps": max(2, self.warmup_steps + 1), "batch_size": 1}}
         try:
             self.train_config(placeholder).validate()
@@ -261,6 +264,7 @@ def run(params: PretrainParams, root: Path) -> dict[str, int | float]:
     metrics: dict[str, int | float] = {
         "params": model.num_params(),
         "steps": result.steps,
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "planned_steps": plan["training"]["steps"],
         "batch_size": cfg.batch_size,
         "tokens": cfg.steps * cfg.batch_size * config.block_size,

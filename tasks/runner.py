@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from tasks import tracking
-from tasks.io import write_json
+from tasks.io import read_json, write_json
 from tasks.layout import METRICS_DIR, PARAMS_FILE
 from tasks.params import ParamsError, load_section, parse_section
 
@@ -68,6 +68,8 @@ def run_stage(name: str, root: Path, track: bool = True) -> dict[str, Any]:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     stage = STAGES[name]
     params = load_section(stage.params_class, name, root / PARAMS_FILE)
+    if getattr(params, "nproc", 1) > 1 and "RANK" not in os.environ:
+        return launch_torchrun(name, root, params.nproc)
     if not track or not is_main_process():
         metrics = stage.run(params, root)
         if not is_main_process():
@@ -79,6 +81,23 @@ def run_stage(name: str, root: Path, track: bool = True) -> dict[str, Any]:
         write_json(root / METRICS_DIR / f"{name}.json", metrics)
         tracking.finish_stage(root, name, metrics)
     return metrics
+
+
+def launch_torchrun(name: str, root: Path, nproc: int) -> dict[str, Any]:
+    """Run `llmpipe stage <name>` in `nproc` processes on this node (torchrun, standalone rendezvous) and
+    return what rank 0 wrote; rank 0 also logs the MLflow run. Across nodes, start torchrun yourself."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += ["-m", "flows.cli", "stage", name]
+    print(f"{name}: {nproc} processes: {' '.join(command[1:])}", flush=True)
+    done = subprocess.run(command, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"stage {name} under torchrun failed (exit {done.returncode}); its ranks' output is above"
+        )
+    return read_json(root / METRICS_DIR / f"{name}.json")
 
 
 def validate_params(params: dict[str, Any]) -> None:

@@ -89,6 +89,26 @@ def test_pretrain_resumes_a_killed_run_through_dvc_and_exports(
     assert (project / "plots/pretrain_loss.csv").read_text().count("\n") == 301
 
 
+def test_nproc_2_trains_under_torchrun_and_only_rank_0_reports(
+    built_project: BuiltProject, tmp_path: Path
+) -> None:
+    """`pretrain.nproc: 2` makes the stage relaunch itself under torchrun (two gloo processes on CPU)."""
+    from mlflow.tracking import MlflowClient
+
+    project = built_project.copy(tmp_path / "project")
+    set_overrides(project / "params.yaml", ["pretrain.nproc=2", "pretrain.steps=8"])
+    run_cli(project, "dvc", "repro", "pretrain")
+    metrics = json.loads((project / "metrics/pretrain.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 8
+    assert load_checkpoint(project / "models/base").num_params() == metrics["params"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / '.llmpipe' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("llmpipe").experiment_id
+    runs = client.search_runs([experiment], "tags.`llmpipe.stage` = 'pretrain'")
+    assert len(runs) == 2  # the built project's run and one for both ranks, from rank 0
+    assert runs[0].data.metrics["processes"] == 2
+    assert not list(project.glob("models/.*tmp*"))  # nothing half-written left behind
+
+
 def test_bad_pretrain_params_name_the_key() -> None:
     with pytest.raises(ParamsError, match=r"pretrain\.warmup_steps"):
         parse_section(PretrainParams, "pretrain", {"steps": 5, "warmup_steps": -1})
