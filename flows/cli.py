@@ -89,6 +89,7 @@ def run(
         list[str] | None,
         typer.Option("-S", "--set-param", help="section.key=value, written to params.yaml first"),
     ] = None,
+    sync: Annotated[bool, typer.Option(help="dvc pull first, dvc push last (with a DVC remote)")] = False,
 ) -> None:
     """Run the pipeline (all stages, or a slice) as a Prefect flow; DVC skips what is up to date."""
     root = _root()
@@ -113,6 +114,7 @@ def run(
             force=force,
             overrides=set_params or [],
             root=str(root),
+            sync=sync,
         )
     except (ParamsError, StageInputError) as err:
         errors.print(f"[red]error:[/red] {err}")

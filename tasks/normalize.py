@@ -129,6 +129,7 @@ class NormalizeParams:
     cjk_chars_per_word: float = 2.0  # CJK characters per "word": scales word counts and n-gram sizes
     batch_size: int = 256  # rows per batch (memory / parallel granularity; output does not depend on it)
     workers: int = 0  # processes; 0 = all CPUs (output identical whatever the value)
+    dask_address: str | None = None  # run batches on a Dask cluster: "tcp://host:8786", or "local"
 
     def validate(self) -> None:
         def fail(key: str, message: str) -> None:
@@ -140,7 +141,7 @@ class NormalizeParams:
             fail("fix_encoding", f"expected true/false, got {self.fix_encoding!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("unicode_form", "fix_encoding"):
+            if f.name in ("unicode_form", "fix_encoding", "dask_address"):
                 continue
             if value is None:
                 if f.name in ("cjk_min_fraction", "cjk_chars_per_word", "batch_size", "workers"):
@@ -469,7 +470,7 @@ def _results(
             pending.append(batch)
             yield batch.column("text").to_pylist(), p
 
-    for result in ordered_map(process_texts, work(), p.workers):
+    for result in ordered_map(process_texts, work(), p.workers, p.dask_address):
         yield pending.popleft(), result
 
 

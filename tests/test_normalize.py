@@ -297,6 +297,15 @@ def test_output_does_not_depend_on_batch_size_or_workers(corpus: tuple[Path, lis
     assert (read_dir(root / NORMALIZED_DIR), read_dir(root / QUARANTINE_DIR / "normalize")) == expected
 
 
+def test_a_dask_local_cluster_gives_the_same_output(corpus: tuple[Path, list[str]]) -> None:
+    pytest.importorskip("distributed")
+    root, _ = corpus
+    normalize.run(NormalizeParams(workers=1), root)
+    expected = read_dir(root / NORMALIZED_DIR), read_dir(root / QUARANTINE_DIR / "normalize")
+    normalize.run(NormalizeParams(batch_size=5, workers=2, dask_address="local"), root)
+    assert (read_dir(root / NORMALIZED_DIR), read_dir(root / QUARANTINE_DIR / "normalize")) == expected
+
+
 def test_failure_mid_run_keeps_previous_output(
     corpus: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
