@@ -273,7 +273,10 @@ def compare(
     table.add_row(
         "git commit", *[run.evaluate.data.tags.get("git_commit", "")[:8] for run in comparison.runs]
     )
-    table.add_row(f"{comparing.DATA_PATH} md5", *[run.data_md5()[:8] for run in comparison.runs])
+    for path in comparing.DATA_PATHS:
+        md5s = [run.data_md5s().get(path, "")[:8] for run in comparison.runs]
+        if any(md5s):
+            table.add_row(f"{path} md5", *md5s)
     differing = comparison.differing_params()
     for key, values in differing.items():
         table.add_row(f"[cyan]{key}[/]", *values)

@@ -30,7 +30,8 @@ KEY_METRICS = {
 }
 #: Metrics where a smaller value is better; any other metric is better larger.
 LOWER_IS_BETTER = ("loss", "bpb", "perplexity", "seconds")
-DATA_PATH = "data/tokens"  # the data a model was trained on, as its md5 in the comparison
+#: The datasets shown by md5 (from the lineage's DVC tags): what each compared model was built from.
+DATA_PATHS = ("data/raw", "data/dedup", "data/tokens")
 
 
 @dataclass
@@ -56,8 +57,14 @@ class ComparedRun:
         run = self.lineage.get(stage or "evaluate")
         return run.data.metrics.get(key) if run is not None else None
 
-    def data_md5(self) -> str:
-        return self.evaluate.data.tags.get(f"md5.dep.{DATA_PATH}", "")
+    def data_md5s(self) -> dict[str, str]:
+        """path → md5 of each dataset in DATA_PATHS that some run of the lineage wrote."""
+        found = {}
+        for run in self.lineage.values():
+            for path in DATA_PATHS:
+                if md5 := run.data.tags.get(f"md5.out.{path}"):
+                    found[path] = md5
+        return found
 
 
 @dataclass
