@@ -141,12 +141,12 @@ def run(
 def server(port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 4200) -> None:
     """Start a Prefect server on 127.0.0.1 (schedules need one), its database in .llmpipe/prefect/."""
     _root()  # PREFECT_HOME and the database URL now point into the project
-    prefect = str(Path(sys.executable).parent / "prefect")
     errors.print(
         f"Prefect UI and API: http://127.0.0.1:{port}; in the shell that runs `llmpipe serve`:\n"
         f"  export PREFECT_API_URL=http://127.0.0.1:{port}/api"
     )
-    os.execv(prefect, [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)])
+    command = ["-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    os.execv(sys.executable, [sys.executable, *command])
 
 
 @app.command()

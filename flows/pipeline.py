@@ -108,8 +108,10 @@ def dvc_sync(command: str, root: Path) -> str:
     if not remotes:
         logger.info("dvc %s: no DVC remote configured, nothing to do", command)
         return "no remote"
+    # A fresh machine may not have everything dvc.lock names yet: pull what the remote has.
+    extra = ["--allow-missing"] if command == "pull" else []
     done = subprocess.run(
-        [sys.executable, "-m", "dvc", command], cwd=root, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "dvc", command, *extra], cwd=root, capture_output=True, text=True, check=False
     )
     logger.info("dvc %s:\n%s", command, (done.stdout + done.stderr).strip())
     if done.returncode != 0:
@@ -146,12 +148,14 @@ def pipeline(
         **{stage: params.get(stage, {}) for stage in stages},
     }
     outcomes: list[dict[str, Any]] = []
-    with tracking.pipeline_run(project, run_name="pipeline", params=run_params) as parent:
-        for stage in stages:
-            outcomes.append(reproduce_stage(stage, project, parent.info.run_id, force))
-        summary = summary_markdown(outcomes, project)
-        create_markdown_artifact(markdown=summary, key="llmpipe-summary", description="llmpipe stages")
-        tracking.log_summary(project, outcomes)
-    if sync:
-        dvc_sync("push", project)
+    try:
+        with tracking.pipeline_run(project, run_name="pipeline", params=run_params) as parent:
+            for stage in stages:
+                outcomes.append(reproduce_stage(stage, project, parent.info.run_id, force))
+            summary = summary_markdown(outcomes, project)
+            create_markdown_artifact(markdown=summary, key="llmpipe-summary", description="llmpipe stages")
+            tracking.log_summary(project, outcomes)
+    finally:
+        if sync:  # what did get built is shared even when a later stage failed
+            dvc_sync("push", project)
     return outcomes

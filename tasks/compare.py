@@ -52,10 +52,13 @@ class ComparedRun:
         }
 
     def metric(self, name: str) -> float | None:
-        """`stage.metric`, or a bare evaluate metric name."""
-        stage, _, key = name.rpartition(".")
-        run = self.lineage.get(stage or "evaluate")
-        return run.data.metrics.get(key) if run is not None else None
+        """`stage.metric` (e.g. pretrain.val_loss, finetune.compare.lora.val_loss), or a bare name: the
+        evaluate run's metric, else the first stage of the lineage that logged it."""
+        stage, _, key = name.partition(".")
+        if stage in self.lineage:
+            return self.lineage[stage].data.metrics.get(key)
+        runs = [self.lineage["evaluate"], *self.lineage.values()]
+        return next((run.data.metrics[name] for run in runs if name in run.data.metrics), None)
 
     def data_md5s(self) -> dict[str, str]:
         """path → md5 of each dataset in DATA_PATHS that some run of the lineage wrote."""
@@ -86,11 +89,12 @@ class Comparison:
         return self.runs[best[1]]
 
     def differing_params(self) -> dict[str, list[str]]:
-        """The params whose values are not the same in every run ("—": not logged in that run)."""
+        """The params whose values are not the same in every run that logged them ("—": a run whose
+        lineage lacks that stage, e.g. logged to another store; it does not count as a difference)."""
         per_run = [run.params() for run in self.runs]
         keys = sorted({key for params in per_run for key in params})
         values = {key: [params.get(key, "—") for params in per_run] for key in keys}
-        return {key: row for key, row in values.items() if len(set(row)) > 1}
+        return {key: row for key, row in values.items() if len(set(row) - {"—"}) > 1}
 
     def metric_rows(self) -> dict[str, list[float | None]]:
         names = [f"{stage}.{key}" for stage, keys in KEY_METRICS.items() for key in keys]
@@ -113,8 +117,20 @@ def _stage_runs(root: Path) -> list[Any]:
     )
 
 
-def lineage(run: Any, writers: dict[tuple[str, str], Any]) -> dict[str, Any]:
-    """stage → run, following md5.dep tags to the newest run that wrote that output with that md5."""
+def _writer(candidates: list[Any], reader: Any) -> Any:
+    """Which of the runs that wrote an input (same path, same md5) produced it for `reader`: one from the
+    same pipeline run, else the newest that started before the reader, else the oldest."""
+    parent = reader.data.tags.get("mlflow.parentRunId")
+    same_pipeline = [
+        run for run in candidates if parent and run.data.tags.get("mlflow.parentRunId") == parent
+    ]
+    before = [run for run in candidates if run.info.start_time <= reader.info.start_time]
+    pool = same_pipeline or before or candidates[:1]
+    return max(pool, key=lambda run: run.info.start_time)
+
+
+def lineage(run: Any, writers: dict[tuple[str, str], list[Any]]) -> dict[str, Any]:
+    """stage → run, following md5.dep tags to the run that wrote that output with that md5."""
     found = {run.data.tags[STAGE_TAG]: run}
     pending = [run]
     while pending:
@@ -122,8 +138,11 @@ def lineage(run: Any, writers: dict[tuple[str, str], Any]) -> dict[str, Any]:
         for tag, md5 in current.data.tags.items():
             if not tag.startswith("md5.dep."):
                 continue
-            writer = writers.get((tag.removeprefix("md5.dep."), md5))
-            if writer is not None and writer.data.tags[STAGE_TAG] not in found:
+            candidates = writers.get((tag.removeprefix("md5.dep."), md5))
+            if not candidates:
+                continue
+            writer = _writer(candidates, current)
+            if writer.data.tags[STAGE_TAG] not in found:
                 found[writer.data.tags[STAGE_TAG]] = writer
                 pending.append(writer)
     return found
@@ -135,11 +154,11 @@ def compare_runs(
     """The evaluate runs `run_ids` (or the `last` ones), each with its lineage."""
     runs = _stage_runs(root)
     by_id = {run.info.run_id: run for run in runs}
-    writers: dict[tuple[str, str], Any] = {}
-    for run in reversed(runs):  # oldest first, so the newest writer of an md5 wins
+    writers: dict[tuple[str, str], list[Any]] = {}
+    for run in reversed(runs):  # oldest first
         for tag, md5 in run.data.tags.items():
             if tag.startswith("md5.out."):
-                writers[(tag.removeprefix("md5.out."), md5)] = run
+                writers.setdefault((tag.removeprefix("md5.out."), md5), []).append(run)
     evaluations = [
         run for run in runs if run.data.tags[STAGE_TAG] == "evaluate" and run.info.status == "FINISHED"
     ]
@@ -149,7 +168,18 @@ def compare_runs(
         chosen = list(reversed(evaluations[:last]))  # oldest of them first
     if not chosen:
         raise ValueError("no finished evaluate runs in MLflow yet: run the pipeline (llmpipe run) first")
-    return Comparison([ComparedRun(run, lineage(run, writers)) for run in chosen], metric)
+    comparison = Comparison([ComparedRun(run, lineage(run, writers)) for run in chosen], metric)
+    if all(run.metric(metric) is None for run in comparison.runs):
+        known = sorted(
+            {
+                f"{stage}.{key}"
+                for run in comparison.runs
+                for stage, r in run.lineage.items()
+                for key in r.data.metrics
+            }
+        )
+        raise ValueError(f"no compared run logged {metric!r}; for example: {', '.join(known[:12])}")
+    return comparison
 
 
 def _evaluate_run(root: Path, run_id: str, by_id: dict[str, Any], evaluations: list[Any]) -> Any:
@@ -166,7 +196,10 @@ def _evaluate_run(root: Path, run_id: str, by_id: dict[str, Any], evaluations: l
         raise ValueError(f"run {run_id} is a {by_id[run_id].data.tags[STAGE_TAG]} run: give an evaluate run")
     import mlflow
 
-    parent = mlflow.get_run(run_id) if len(run_id) == 32 else None
+    try:
+        parent = mlflow.get_run(run_id) if len(run_id) == 32 else None
+    except mlflow.exceptions.MlflowException:
+        parent = None
     if parent is not None and parent.data.tags.get(PIPELINE_TAG) == "true":
         raise ValueError(f"pipeline run {run_id} has no evaluate stage run (evaluate was skipped)")
     raise ValueError(f"no evaluate run {run_id!r} in {root}'s MLflow store")

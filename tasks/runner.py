@@ -84,19 +84,27 @@ def run_stage(name: str, root: Path, track: bool = True) -> dict[str, Any]:
 
 
 def launch_torchrun(name: str, root: Path, nproc: int) -> dict[str, Any]:
-    """Run `llmpipe stage <name>` in `nproc` processes on this node (torchrun, standalone rendezvous) and
-    return what rank 0 wrote; rank 0 also logs the MLflow run. Across nodes, start torchrun yourself."""
-    import subprocess
+    """Run `llmpipe stage <name>` in `nproc` processes on this node (torchrun's launcher, standalone
+    rendezvous) and return what rank 0 wrote; rank 0 also logs the MLflow run. A rank that rejected its
+    input (exit 3) fails the launch with ValueError, so callers report an input error, not a crash.
+    Across nodes, start torchrun yourself."""
     import sys
 
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command += ["-m", "flows.cli", "stage", name]
-    print(f"{name}: {nproc} processes: {' '.join(command[1:])}", flush=True)
-    done = subprocess.run(command, cwd=root)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"stage {name} under torchrun failed (exit {done.returncode}); its ranks' output is above"
-        )
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"llmpipe-{name}-{os.getpid()}",
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+    )  # fmt: skip
+    print(f"{name}: {nproc} processes (torchrun --standalone --nproc_per_node={nproc})", flush=True)
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "flows.cli", "stage", name)
+    except ChildFailedError as err:
+        codes = sorted({failure.exitcode for failure in err.failures.values()})
+        if 3 in codes:
+            raise ValueError(f"stage {name}: a rank rejected its input or params (see its output)") from None
+        raise RuntimeError(f"stage {name} under torchrun failed (rank exit codes {codes})") from None
     return read_json(root / METRICS_DIR / f"{name}.json")
 
 
