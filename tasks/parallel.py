@@ -40,7 +40,8 @@ def _exit_with_parent() -> None:
 
 
 @contextlib.contextmanager
-def _executor(workers: int, dask_address: str | None) -> Iterator[Executor]:
+def _executor(workers: int, dask_address: str | None) -> Iterator[tuple[Executor, int]]:
+    """(executor, how many tasks it runs at once): local processes, a LocalCluster, or a Dask cluster."""
     if dask_address:
         from distributed import Client, LocalCluster
 
@@ -49,15 +50,15 @@ def _executor(workers: int, dask_address: str | None) -> Iterator[Executor]:
                 LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster,
                 Client(cluster) as client,
             ):
-                yield client.get_executor()
+                yield client.get_executor(), workers
         else:
             with Client(dask_address) as client:
-                yield client.get_executor()
+                yield client.get_executor(), max(1, sum(client.nthreads().values()))  # the cluster's size
         return
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=get_context("spawn"), initializer=_exit_with_parent
     ) as pool:
-        yield pool
+        yield pool, workers
 
 
 def ordered_map(
@@ -72,11 +73,11 @@ def ordered_map(
         for item in items:
             yield function(*item)
         return
-    with _executor(workers, dask_address) as executor:
+    with _executor(workers, dask_address) as (executor, slots):
         window: deque[Future[R]] = deque()
         for item in items:
             window.append(executor.submit(function, *item))
-            if len(window) >= 2 * workers:
+            if len(window) >= 2 * slots:  # keep every slot busy, memory bounded
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()

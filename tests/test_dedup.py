@@ -385,10 +385,16 @@ def test_same_decisions_with_two_workers_and_shuffled_shards(
 def test_dask_local_cluster_gives_identical_survivors(
     mixed_corpus: list[Doc], reference: Result, tmp_path: Path
 ) -> None:
-    pytest.importorskip("distributed")
+    distributed = pytest.importorskip("distributed")
     result = dedup(tmp_path, mixed_corpus, batch_size=8, workers=2, dask_address="local")
     assert result.kept == reference.kept
     assert result.decisions() == reference.decisions()
+    # A running cluster, by its scheduler address (what `-S dedup.dask_address=tcp://...` connects to).
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+        remote = dedup(
+            tmp_path / "remote", mixed_corpus, batch_size=8, dask_address=cluster.scheduler_address
+        )
+    assert remote.decisions() == reference.decisions()
 
 
 # --------------------------------------------------------------------------------------------------
