@@ -188,6 +188,31 @@ def run_cli(root: Path, *args: str, check: bool = True) -> subprocess.CompletedP
     return result
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_left_alone() -> Iterator[None]:
+    """Fail the test that leaks MLFLOW_TRACKING_URI: every later subprocess would log to its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before, "this test left MLFLOW_TRACKING_URI changed"
+
+
+@contextlib.contextmanager
+def restored_mlflow_uri() -> Iterator[None]:
+    """Leave MLflow's tracking URI as found, and MLFLOW_TRACKING_URI too: `mlflow.set_tracking_uri`
+    exports it, and every later `llmpipe stage` subprocess would log to that store."""
+    import mlflow
+
+    previous, exported = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import restored_mlflow_uri
 
 from tasks.compare import compare_runs
 from tasks.tracking import STAGE_TAG, configure
@@ -15,10 +16,8 @@ from tasks.tracking import STAGE_TAG, configure
 
 @pytest.fixture
 def store(tmp_path: Path):
-    previous = mlflow.get_tracking_uri()
-    experiment = configure(tmp_path)  # the project's embedded store: tmp_path/.llmpipe/mlflow.db
-    yield tmp_path, experiment
-    mlflow.set_tracking_uri(previous)
+    with restored_mlflow_uri():
+        yield tmp_path, configure(tmp_path)  # the project's embedded store: tmp_path/.llmpipe/mlflow.db
 
 
 def log_stage(experiment: str, stage: str, params: dict, tags: dict, metrics: dict | None = None) -> None:

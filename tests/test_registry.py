@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import write_tiny_base
+from conftest import restored_mlflow_uri, write_tiny_base
 
 from tasks import registry
 
@@ -26,15 +26,11 @@ def store(tmp_path_factory: pytest.TempPathFactory, chat_tokenizer):
     root = tmp_path_factory.mktemp("registry")
     base = write_tiny_base(root, chat_tokenizer[0])
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous, exported = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)  # (which also exports it to child processes)
-    experiment = mlflow.create_experiment("registry-test", artifact_location=(root / "artifacts").as_uri())
-    yield base, uri, experiment
-    mlflow.set_tracking_uri(previous)
-    if exported is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = exported
+    with restored_mlflow_uri():
+        mlflow.set_tracking_uri(uri)
+        artifacts = (root / "artifacts").as_uri()
+        experiment = mlflow.create_experiment("registry-test", artifact_location=artifacts)
+        yield base, uri, experiment
 
 
 def test_the_alias_follows_the_best_score(store) -> None:
