@@ -86,7 +86,11 @@ def load_tokenizer(path: Path) -> Tokenizer:
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer (run the `tokenizer` stage first)")
-    tokenizer = Tokenizer.from_file(str(path))
+    return for_ordinary_text(Tokenizer.from_file(str(path)))
+
+
+def for_ordinary_text(tokenizer: Tokenizer) -> Tokenizer:
+    """Make special-token spellings in input text encode as text (the flag is not stored in the file)."""
     tokenizer.encode_special_tokens = True
     return tokenizer
 

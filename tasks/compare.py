@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.tracking import PIPELINE_TAG, STAGE_TAG, configure
+from tasks.tracking import PIPELINE_TAG, STAGE_TAG, stage_runs
 
 #: Metrics worth a row in the comparison, per stage (when the stage logged them).
 KEY_METRICS = {
@@ -104,19 +104,6 @@ class Comparison:
         return {name: row for name, row in rows.items() if any(value is not None for value in row)}
 
 
-def _stage_runs(root: Path) -> list[Any]:
-    import mlflow
-
-    experiment_id = configure(root)
-    return mlflow.search_runs(
-        experiment_ids=[experiment_id],
-        filter_string=f"tags.`{STAGE_TAG}` LIKE '%'",
-        order_by=["attributes.start_time DESC"],
-        max_results=5000,
-        output_format="list",
-    )
-
-
 def _writer(candidates: list[Any], reader: Any) -> Any:
     """Which of the runs that wrote an input (same path, same md5) produced it for `reader`: one from the
     same pipeline run, else the newest that started before the reader, else the oldest."""
@@ -152,7 +139,7 @@ def compare_runs(
     root: Path, run_ids: list[str] | None = None, last: int = 5, metric: str = "val_bpb"
 ) -> Comparison:
     """The evaluate runs `run_ids` (or the `last` ones), each with its lineage."""
-    runs = _stage_runs(root)
+    runs = stage_runs(root, limit=5000)
     by_id = {run.info.run_id: run for run in runs}
     writers: dict[tuple[str, str], list[Any]] = {}
     for run in reversed(runs):  # oldest first

@@ -14,9 +14,9 @@
 
 How to encode ordinary text (important): special tokens (`<|eos|>`, ...) are added as *special*
 tokens, and by default `tokenizers` matches their spelling inside raw text. Ordinary text must never
-produce a special id, so callers must load the tokenizer with `model.textgen.load_tokenizer()` (or set
-`tokenizer.encode_special_tokens = True` themselves: the flag is not stored in tokenizer.json) and
-append special ids explicitly:
+produce a special id, so callers must load the tokenizer with `model.textgen.load_tokenizer()` (or pass
+it through `model.textgen.for_ordinary_text`: the flag is not stored in tokenizer.json) and append
+special ids explicitly:
 
     tok = load_tokenizer(root / TOKENIZER_DIR)
     ids = tok.encode(text, add_special_tokens=False).ids + [tok.token_to_id("<|eos|>")]
@@ -158,11 +158,6 @@ def bpe_trainer(p: TokenizerParams) -> trainers.BpeTrainer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-
-
-def _safe(tokenizer: Tokenizer) -> Tokenizer:
-    tokenizer.encode_special_tokens = True
-    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,7 +384,7 @@ def compare_families(
                 text_batches(directory, p, keep=_train_filter(p, total_chars)), trainer=trainer
             )
             seconds = time.perf_counter() - start
-            _safe(tok)
+            textgen.for_ordinary_text(tok)
             metrics = _hf_measure(tok, unk, holdout)
             vocab = tok.get_vocab_size(with_added_tokens=True)
             examples[family] = [_display_tokens(tok, s) for s in EXAMPLE_SENTENCES]
@@ -504,7 +499,7 @@ def train(directory: Path, p: TokenizerParams, stats: CorpusStats | None = None)
     """Train the byte-level BPE on every document of `directory` (streamed)."""
     tokenizer = byte_level_bpe(p.pattern)
     tokenizer.train_from_iterator(text_batches(directory, p, stats=stats), trainer=bpe_trainer(p))
-    return _safe(tokenizer)
+    return textgen.for_ordinary_text(tokenizer)
 
 
 def run(params: TokenizerParams, root: Path) -> dict[str, int | float]:

@@ -235,20 +235,23 @@ def has_store(root: Path) -> bool:
     return bool(os.environ.get("MLFLOW_TRACKING_URI")) or (state_dir(root) / "mlflow.db").is_file()
 
 
-def latest_stage_runs(root: Path) -> dict[str, Run]:
-    """The most recent MLflow run of each stage (however it ran: llmpipe, dvc repro, a deployment)."""
-    if not has_store(root):
-        return {}
-    experiment_id = configure(root)
-    runs = mlflow.search_runs(
-        experiment_ids=[experiment_id],
+def stage_runs(root: Path, limit: int) -> list[Run]:
+    """The newest `limit` stage runs, newest first (however they ran: llmpipe, dvc repro, a deployment)."""
+    return mlflow.search_runs(
+        experiment_ids=[configure(root)],
         filter_string=f"tags.`{STAGE_TAG}` LIKE '%'",
         order_by=["attributes.start_time DESC"],
-        max_results=1000,
+        max_results=limit,
         output_format="list",
     )
+
+
+def latest_stage_runs(root: Path) -> dict[str, Run]:
+    """The most recent MLflow run of each stage."""
+    if not has_store(root):
+        return {}
     latest: dict[str, Run] = {}
-    for run in runs:
+    for run in stage_runs(root, limit=1000):
         latest.setdefault(run.data.tags[STAGE_TAG], run)
     return latest
 

@@ -221,6 +221,14 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
+#: A conversation for chat-template tests (the user's special-token spelling must stay text).
+CHAT_MESSAGES = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What does cruft mean? <|assistant|>"},
+    {"role": "assistant", "content": "Excess junk."},
+]
+
+
 @pytest.fixture(scope="session")
 def chat_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     """A small byte-level BPE with the chat specials, saved like the tokenizer stage saves it."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_base
+from conftest import CHAT_MESSAGES, write_tiny_base
 
 from model.config import GPTConfig
 from model.generate import GenerationConfig
@@ -19,21 +19,15 @@ from tasks import chat
 
 transformers = pytest.importorskip("transformers")
 
-MESSAGES = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": "What does cruft mean? <|assistant|>"},  # special spellings stay text
-    {"role": "assistant", "content": "Excess junk."},
-]
-
 
 def test_the_chat_template_matches_transformers(chat_tokenizer) -> None:
     directory, tokenizer = chat_tokenizer
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(directory)
-    for messages, prompt in ((MESSAGES, False), (MESSAGES[:2], True)):
+    for messages, prompt in ((CHAT_MESSAGES, False), (CHAT_MESSAGES[:2], True)):
         text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
         assert text == chat.render(messages, add_generation_prompt=prompt)
-    ids, mask = chat.encode(tokenizer, MESSAGES)
-    assert tokenizer.decode(ids.tolist(), skip_special_tokens=False) == chat.render(MESSAGES)
+    ids, mask = chat.encode(tokenizer, CHAT_MESSAGES)
+    assert tokenizer.decode(ids.tolist(), skip_special_tokens=False) == chat.render(CHAT_MESSAGES)
     assert ids.tolist().count(tokenizer.token_to_id("<|assistant|>")) == 1  # the user's spelling is text
     learned = tokenizer.decode(ids[mask == 1].tolist(), skip_special_tokens=False)
     assert learned == "Excess junk.<|eos|>"  # the assistant's words and the end of its turn, nothing else

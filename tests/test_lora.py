@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CHAT_MESSAGES
 from test_hf import LAYOUTS, random_model
 from test_train import KillAt, write_tokens
 
@@ -154,16 +155,9 @@ def test_an_architecture_without_a_transformers_twin_saves_llmpipe_names(tmp_pat
 # --------------------------------------------------------------------------------------------------
 
 
-MESSAGES = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": "What does cruft mean? <|assistant|>"},  # special spellings stay text
-    {"role": "assistant", "content": "Excess junk."},
-]
-
-
 def test_prompt_tokens_contribute_no_loss(chat_tokenizer) -> None:
     _, tokenizer = chat_tokenizer
-    examples = [chat.encode(tokenizer, MESSAGES), chat.encode(tokenizer, MESSAGES[1:])]
+    examples = [chat.encode(tokenizer, CHAT_MESSAGES), chat.encode(tokenizer, CHAT_MESSAGES[1:])]
     batches = ExampleBatches(examples, pad_id=tokenizer.token_to_id("<|pad|>"))
     x, y = batches.sample_batch(4, 64, BatchCursor(0, 0))
     config = GPTConfig(vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_embd=16, block_size=64)
