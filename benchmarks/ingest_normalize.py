@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tasks import ingest, normalize  # noqa: E402
-from tasks.layout import PARAMS_FILE  # noqa: E402
-from tasks.params import load_section  # noqa: E402
+from tasks.core.layout import PARAMS_FILE  # noqa: E402
+from tasks.core.params import load_section  # noqa: E402
 
 
 def peak_rss_mb() -> float:

@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model.data import BatchCursor, TokenShards  # noqa: E402
-from tasks.io import content_id  # noqa: E402
-from tasks.parallel import available_cpus  # noqa: E402
+from tasks.core.io import content_id  # noqa: E402
+from tasks.core.parallel import available_cpus  # noqa: E402
 from tasks.tokenize import TOKENIZER_FILE, TOKENS_DIR, TokenizeParams, run  # noqa: E402
 
 console = Console(width=120)
@@ -93,7 +93,7 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": rss, "mb": stats["bytes"] /
 #: Batched encode on however many Rust threads RAYON_NUM_THREADS allows (argv: tokenizer, docs.json).
 ENCODE_SCRIPT = """
 import json, sys, time
-from model.textgen import load_tokenizer
+from model.tokens import load_tokenizer
 tokenizer = load_tokenizer(sys.argv[1])
 docs = json.load(open(sys.argv[2], encoding="utf-8"))
 tokenizer.encode_batch_fast(docs[:50], add_special_tokens=False)
@@ -186,7 +186,7 @@ def main() -> int:
         )
         console.print(table)
 
-        from model.textgen import load_tokenizer
+        from model.tokens import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_path)
         tokenizer.encode_batch_fast(docs[:50], add_special_tokens=False)  # warm up the thread pool

@@ -7,6 +7,7 @@ llmpipe serve --cron "0 3 * * *" [--only X] [--force] [--sync]   # the pipeline 
 llmpipe status              # which stages are stale (from DVC), when they last ran, their last metrics
 llmpipe compare [RUN_ID ...] [--last N] [--metric val_bpb] [--promote]   # models across runs
 llmpipe plan [--flops 1e18 | --gpu h100 --gpus 8 --hours 24 --mfu 0.4] [--price 2.5] [--json]
+llmpipe deps [--write]       # dvc.yaml code deps vs the import graph
 llmpipe export-hf CHECKPOINT OUT_DIR   # a transformers directory (GPT-2 or Llama layout)
 llmpipe generate --prompt "The movie was full of" [--strategy greedy|beam|sample] [--show-probs] ...
 llmpipe chat [--system "You are terse."] [--adapter models/lora]   # /reset, /quit
@@ -24,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.env import configure_environment
-from tasks.layout import PARAMS_FILE, project_root
-from tasks.params import ParamsError
+from tasks.core.layout import PARAMS_FILE, project_root
+from tasks.core.params import ParamsError
 
 app = typer.Typer(
     help="llmpipe: raw text corpus → trained, evaluated small GPT (Prefect + DVC + MLflow).",
@@ -53,7 +54,7 @@ def _root() -> Path:
 def stage(name: Annotated[str, typer.Argument(help="stage to execute, e.g. ingest")]) -> None:
     """Execute one stage now (what dvc.yaml's `cmd` runs; DVC does not check staleness here)."""
     root = _root()
-    from tasks.runner import run_stage
+    from tasks.core.runner import run_stage
 
     try:
         metrics = run_stage(name, root)
@@ -68,7 +69,7 @@ def stage(name: Annotated[str, typer.Argument(help="stage to execute, e.g. inges
     table = Table(title=f"{name}: metrics", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    from tasks.tracking import flatten
+    from tasks.core.tracking import flatten
 
     for key, value in flatten(metrics).items():  # nested sections print as `compare.lora.val_loss`
         if key.rsplit(".", 1)[-1].startswith(("dropped_", "quarantined_")) and not value:
@@ -94,8 +95,8 @@ def run(
     """Run the pipeline (all stages, or a slice) as a Prefect flow; DVC skips what is up to date."""
     root = _root()
     from flows.stages import declared_stages, metrics_summary, select_stages
-    from tasks.params import apply_overrides, load_params_file
-    from tasks.runner import validate_params
+    from tasks.core.params import apply_overrides, load_params_file
+    from tasks.core.runner import validate_params
 
     selected = [name for item in only or [] for name in item.split(",") if name]
     try:  # fail on a bad stage name or override now, before Prefect starts and before params.yaml changes
@@ -201,7 +202,7 @@ def status() -> None:
     from datetime import datetime
 
     from flows.stages import declared_stages, metrics_summary, stale_stages
-    from tasks.tracking import latest_stage_runs
+    from tasks.core.tracking import latest_stage_runs
 
     stale = stale_stages(root)
     runs = latest_stage_runs(root)
@@ -254,8 +255,8 @@ def compare(
     root = _root()
     from datetime import datetime
 
-    from tasks import compare as comparing
-    from tasks.params import load_section
+    from tasks.core import compare as comparing
+    from tasks.core.params import load_section
 
     try:
         comparison = comparing.compare_runs(root, run_ids, last, metric)
@@ -324,8 +325,8 @@ def plan(
     import dataclasses
     import json
 
-    from tasks.layout import state_dir
-    from tasks.params import load_params_file, parse_section
+    from tasks.core.layout import state_dir
+    from tasks.core.params import load_params_file, parse_section
     from tasks.plan import PlanParams, make_plan, model_params, read_token_meta, summary_rows
 
     try:
@@ -363,6 +364,35 @@ def plan(
     console.print(table)
 
 
+@app.command()
+def deps(
+    write: Annotated[bool, typer.Option("--write", help="rewrite dvc.yaml's code deps to match")] = False,
+) -> None:
+    """Check (or with --write, fix) that each stage's code deps in dvc.yaml are the project modules its
+    stage module imports, transitively; exit 1 when they disagree."""
+    root = _root()
+    from flows import deps as code_deps
+
+    if write:
+        changed = code_deps.write(root)
+        console.print(
+            f"dvc.yaml: code deps rewritten for {', '.join(changed)}" if changed else "dvc.yaml: up to date"
+        )
+        return
+    found = code_deps.differences(root)
+    if not found:
+        console.print("dvc.yaml: every stage's code deps match its imports")
+        return
+    table = Table(title="dvc.yaml code deps that disagree with the imports")
+    for column in ("stage", "missing (imported, not listed)", "extra (listed, not imported)"):
+        table.add_column(column)
+    for name, (missing, extra) in found.items():
+        table.add_row(name, "\n".join(missing), "\n".join(extra))
+    console.print(table)
+    errors.print("run `llmpipe deps --write` to fix dvc.yaml")
+    raise typer.Exit(1)
+
+
 @app.command("export-hf")
 def export_hf(
     checkpoint: Annotated[
@@ -391,21 +421,22 @@ def _load_generator(root: Path, model: str, adapter: Path | None, device: str) -
     import torch
 
     from model.textgen import load_generator
-    from tasks.layout import TOKENIZER_DIR
-    from tasks.registry import download, is_mlflow_uri
+    from model.tokens import TOKENIZER_FILE
+    from tasks.core.layout import TOKENIZER_DIR
+    from tasks.serving.registry import download, is_mlflow_uri
 
     adapter = root / adapter if adapter else None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if is_mlflow_uri(model):
-        from tasks.tracking import configure
+        from tasks.core.tracking import configure
 
         configure(root)
         with tempfile.TemporaryDirectory(prefix="llmpipe-model-") as tmp:
             checkpoint, registered_adapter = download(model, Path(tmp))
             return load_generator(checkpoint, adapter or registered_adapter, device=device)
     checkpoint = root / model
-    holders = [d for d in (checkpoint, adapter) if d is not None and (d / "tokenizer.json").is_file()]
+    holders = [d for d in (checkpoint, adapter) if d is not None and (d / TOKENIZER_FILE).is_file()]
     return load_generator(checkpoint, adapter, None if holders else root / TOKENIZER_DIR, device)
 
 
@@ -519,7 +550,7 @@ def chat(
     Type a message and Enter; /reset forgets the conversation, /quit (or Ctrl-D) ends it. The oldest turns
     are dropped when the conversation outgrows the context window; the system prompt stays."""
     root = _root()
-    from tasks.chat import ChatSession
+    from model.chat import ChatSession
 
     config = _generation_config(
         strategy, stop, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

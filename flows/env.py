@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.layout import state_dir
+from tasks.core.layout import state_dir
 
 
 def configure_environment(root: Path) -> None:

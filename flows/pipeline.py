@@ -2,7 +2,7 @@
 
 DVC decides whether a stage is stale, so `llmpipe run`, `dvc repro` and a scheduled run share one code
 path and `dvc.lock` is always current. The flow opens the MLflow parent run; every stage that really
-executes logs a nested child run (see tasks/tracking.py). A stage DVC found up to date is reported as
+executes logs a nested child run (see tasks/core/tracking.py). A stage DVC found up to date is reported as
 `skipped`, one DVC restored from its run-cache as `restored`.
 """
 
@@ -22,10 +22,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.stages import declared_stages, metrics_summary, select_stages, stale_stages
-from tasks import tracking
-from tasks.layout import PARAMS_FILE, project_root
-from tasks.params import load_params_file, set_overrides
-from tasks.runner import validate_params
+from tasks.core import tracking
+from tasks.core.layout import PARAMS_FILE, project_root
+from tasks.core.params import load_params_file, set_overrides
+from tasks.core.runner import validate_params
 
 #: `llmpipe stage` exits with this code for bad input or bad params: retrying cannot help.
 INPUT_ERROR_EXIT = 3

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import yaml
 
-from tasks.io import read_json
-from tasks.layout import METRICS_DIR, PIPELINE_STAGES
+from tasks.core.io import read_json
+from tasks.core.layout import METRICS_DIR
+from tasks.core.stages import STAGES
 
 
 def declared_stages(root: Path) -> list[str]:
     """Stages dvc.yaml declares, in pipeline order."""
     with open(root / "dvc.yaml", encoding="utf-8") as handle:
         declared = set(yaml.safe_load(handle)["stages"])
-    return [stage for stage in PIPELINE_STAGES if stage in declared]
+    return [stage for stage in STAGES if stage in declared]
 
 
 def select_stages(

@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
+from model.tokens import EOS_TOKEN, TOKENIZER_FILE, load_tokenizer
+
 if TYPE_CHECKING:
     from model.generate import Generation, GenerationConfig, Step
     from model.gpt import GPT
-
-TOKENIZER_FILE = "tokenizer.json"
-EOS_TOKEN = "<|eos|>"
 
 
 @dataclass
@@ -76,23 +75,6 @@ class Generator:
         from model.generate import stream
 
         return stream(self.model, self._ids(prompt), self._config(config), self.decode)
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    """tokenizer.json (or the directory holding it), encoding special-token spellings in text as text:
-    only llmpipe itself puts special ids into a sequence."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / TOKENIZER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer (run the `tokenizer` stage first)")
-    return for_ordinary_text(Tokenizer.from_file(str(path)))
-
-
-def for_ordinary_text(tokenizer: Tokenizer) -> Tokenizer:
-    """Make special-token spellings in input text encode as text (the flag is not stored in the file)."""
-    tokenizer.encode_special_tokens = True
-    return tokenizer
 
 
 def load_generator(

@@ -3,7 +3,7 @@
 1. Exact: documents whose hashing-normalized text (lowercase, no accents/punctuation, digits → 0) has
    the same 128-bit hash; one survivor each, they never reach the fuzzy step.
 2. Signatures: MinHash over word 5-grams (character n-grams for CJK), computed batch by batch on
-   local processes or a Dask cluster (tasks/parallel.py); each document's LSH band keys are written
+   local processes or a Dask cluster (tasks/core/parallel.py); each document's LSH band keys are written
    to Parquet, one folder per band, so no in-memory LSH index is ever built.
 3. Candidates: per band, documents sharing a bucket key (grouped with a sort, band by band).
 4. Verification: each candidate pair's exact Jaccard of shingle sets (or the MinHash estimate with
@@ -32,8 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from tasks import minhash
-from tasks.io import (
+from tasks.core.io import (
     ShardWriter,
     atomic_dir,
     atomic_file,
@@ -42,9 +41,10 @@ from tasks.io import (
     iter_batches,
     shard_paths,
 )
-from tasks.layout import DEDUP_DIR, NORMALIZED_DIR, PLOTS_DIR, REPORTS_DIR, state_dir
-from tasks.parallel import ordered_map
-from tasks.params import ParamsError
+from tasks.core.layout import DEDUP_DIR, NORMALIZED_DIR, PLOTS_DIR, REPORTS_DIR, state_dir
+from tasks.core.parallel import ordered_map
+from tasks.core.params import ParamsError
+from tasks.data import minhash
 
 REPORT_DIR = REPORTS_DIR / "dedup"
 JACCARD_PLOT = PLOTS_DIR / "dedup_jaccard.csv"

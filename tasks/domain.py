@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks import dedup, ingest, normalize, tokenize
-from tasks.io import atomic_dir
-from tasks.layout import DOMAIN_DIR, PARAMS_FILE, TOKENIZER_FILE
-from tasks.params import ParamsError, load_section
+from tasks.core.io import atomic_dir
+from tasks.core.layout import DOMAIN_DIR, PARAMS_FILE, TOKENIZER_FILE
+from tasks.core.params import ParamsError, load_section
 
 
 @dataclass

@@ -32,11 +32,12 @@ from model.lora import load_adapter
 from model.ngram import NgramModel
 from model.perplexity import Scored, strided_nll
 from model.textgen import Generator, load_generator
-from tasks import registry, tracking
-from tasks.io import atomic_dir, atomic_file
-from tasks.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR
-from tasks.params import ParamsError
-from tasks.tokenizer import token_bytes
+from model.tokens import token_bytes
+from tasks.core import tracking
+from tasks.core.io import atomic_dir, atomic_file
+from tasks.core.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR
+from tasks.core.params import ParamsError
+from tasks.serving import registry
 
 REPORT_DIR = REPORTS_DIR / "evaluate"
 BPB_PLOT = PLOTS_DIR / "evaluate_bpb.csv"
@@ -68,7 +69,7 @@ class EvaluateParams:
     attention_prompt: str = "In the beginning God created the heaven and the earth."
     attention_layer: int = -1  # which layer's attention to draw (-1: the last)
     attention_head: int = 0
-    register: bool = True  # log + register the model in MLflow (tasks/registry.py)
+    register: bool = True  # log + register the model in MLflow (tasks/serving/registry.py)
     registered_model: str = "llmpipe"  # the adapted model registers as <name>-lora
     alias: str = "champion"  # on the version with the lowest bits per byte
 

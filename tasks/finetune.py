@@ -3,7 +3,7 @@
 Tasks (`finetune.task`):
 - `domain`: continued causal-LM training on the domain corpus (data/domain/, the `domain` stage), each
   batch row drawn from the general corpus instead with probability `general_fraction` (replay).
-- `sft`: prompt/response pairs from JSONL, rendered with the chat template (tasks/chat.py); the loss
+- `sft`: prompt/response pairs from JSONL, rendered with the chat template (model/chat.py); the loss
   is taken on the response tokens (and its closing <|eos|>) only. Bad rows are quarantined with a reason.
 
 Strategies, on the same data, steps and batches: `lora` (model/lora.py: only the adapters train), and
@@ -31,14 +31,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from model import chat
 from model.data import ExampleBatches, MixedBatches, TokenShards
 from model.lora import LoraSettings, add_lora, lora_param_count, save_adapter
-from model.textgen import load_tokenizer
+from model.tokens import TOKENIZER_FILE, load_tokenizer
 from model.train import TrainResult, evaluate, load_checkpoint, setup_runtime, train
-from tasks import chat, tracking
-from tasks.io import atomic_dir, atomic_file, file_md5, hash_fraction, read_json
-from tasks.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
-from tasks.params import ParamsError
+from tasks.core import tracking
+from tasks.core.io import atomic_dir, atomic_file, file_md5, hash_fraction, read_json
+from tasks.core.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
+from tasks.core.params import ParamsError
 from tasks.pretrain import LoopParams, StageCallbacks, copy_tokenizer, weight_settings
 
 REPORT_DIR = REPORTS_DIR / "finetune"
@@ -280,7 +281,7 @@ def run(params: FinetuneParams, root: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(root / BASE_DIR)
     base_md5 = file_md5(root / BASE_DIR / "model.safetensors")
     if params.task == "domain":
-        data = domain_data(root, params, file_md5(root / BASE_DIR / "tokenizer.json"), base.config.block_size)
+        data = domain_data(root, params, file_md5(root / BASE_DIR / TOKENIZER_FILE), base.config.block_size)
     else:
         pad_id = tokenizer.token_to_id("<|pad|>")
         pad_id = chat.special_ids(tokenizer)["eos"] if pad_id is None else pad_id

@@ -2,7 +2,7 @@
 
 Inputs are the files, directories (recursive, hidden entries skipped) and globs of `ingest.paths`.
 How each file is read (format by extension, compression, encoding, one reader per format) is
-`tasks.readers`; this module resolves the inputs, drives the readers and writes the outputs.
+`tasks.data.readers`; this module resolves the inputs, drives the readers and writes the outputs.
 
 Outputs, all replaced atomically (a killed run leaves the previous output or nothing):
 
@@ -30,10 +30,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tasks.io import DOC_SCHEMA, QUARANTINE_SCHEMA, ShardWriter, atomic_dir, atomic_file, content_id
-from tasks.layout import QUARANTINE_DIR, RAW_DIR, REPORTS_DIR
-from tasks.params import ParamsError
-from tasks.readers import REASONS, Bad, Doc, ReadOptions, SourceFile
+from tasks.core.io import DOC_SCHEMA, QUARANTINE_SCHEMA, ShardWriter, atomic_dir, atomic_file, content_id
+from tasks.core.layout import QUARANTINE_DIR, RAW_DIR, REPORTS_DIR
+from tasks.core.params import ParamsError
+from tasks.data.readers import REASONS, Bad, Doc, ReadOptions, SourceFile
 
 QUARANTINE_INGEST_DIR = QUARANTINE_DIR / "ingest"
 REPORT_FILE = REPORTS_DIR / "ingest" / "files.csv"

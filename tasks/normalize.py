@@ -47,10 +47,18 @@ import pyarrow as pa
 import regex
 from tqdm import tqdm
 
-from tasks.io import DOC_SCHEMA, ShardWriter, atomic_dir, atomic_file, content_id, count_rows, iter_batches
-from tasks.layout import NORMALIZED_DIR, PLOTS_DIR, QUARANTINE_DIR, RAW_DIR, REPORTS_DIR
-from tasks.parallel import ordered_map
-from tasks.params import ParamsError
+from tasks.core.io import (
+    DOC_SCHEMA,
+    ShardWriter,
+    atomic_dir,
+    atomic_file,
+    content_id,
+    count_rows,
+    iter_batches,
+)
+from tasks.core.layout import NORMALIZED_DIR, PLOTS_DIR, QUARANTINE_DIR, RAW_DIR, REPORTS_DIR
+from tasks.core.parallel import ordered_map
+from tasks.core.params import ParamsError
 
 #: data/normalized: the document schema plus the script later stages (dedup shingling) key on.
 NORMALIZED_SCHEMA = DOC_SCHEMA.append(pa.field("script", pa.string()))

@@ -48,9 +48,9 @@ from model.scaling import (
     isoflops_curve,
     kaplan_optimal,
 )
-from tasks.io import atomic_dir, atomic_file, read_json, write_json
-from tasks.layout import PARAMS_FILE, PLAN_FILE, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
-from tasks.params import ParamsError, load_params_file, parse_section
+from tasks.core.io import atomic_dir, atomic_file, read_json, write_json
+from tasks.core.layout import PARAMS_FILE, PLAN_FILE, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
+from tasks.core.params import ParamsError, load_params_file, parse_section
 
 PLAN_FORMAT = 1
 REPORT_DIR = REPORTS_DIR / "plan"

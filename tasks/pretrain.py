@@ -32,19 +32,26 @@ import numpy as np
 from model.config import GPTConfig
 from model.data import TokenShards
 from model.flops import ACCELERATORS, accelerator_for
-from model.textgen import load_tokenizer
+from model.tokens import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, TOKENIZER_FILE, TOKENIZER_FILES, load_tokenizer
 from model.train import Callbacks, TrainConfig, TrainResult, load_checkpoint, train
-from tasks import tracking
-from tasks.io import atomic_dir, atomic_file, file_md5, read_json, write_json
-from tasks.layout import BASE_DIR, PLAN_FILE, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR, TOKENS_DIR, state_dir
-from tasks.params import ParamsError
+from tasks.core import tracking
+from tasks.core.io import atomic_dir, atomic_file, file_md5, read_json, write_json
+from tasks.core.layout import (
+    BASE_DIR,
+    PLAN_FILE,
+    PLOTS_DIR,
+    REPORTS_DIR,
+    TOKENIZER_DIR,
+    TOKENS_DIR,
+    state_dir,
+)
+from tasks.core.params import ParamsError
 from tasks.plan import ModelParams, apply_plan, cpu_peak_flops
 
 REPORT_DIR = REPORTS_DIR / "pretrain"
 LOSS_PLOT = PLOTS_DIR / "pretrain_loss.csv"
 VAL_PLOT = PLOTS_DIR / "pretrain_val.csv"
 CHECKPOINTS = Path("checkpoints/pretrain")  # under .llmpipe/
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 #: TrainConfig fields that do not change the trained weights (left out of the fingerprint).
 OBSERVATION_ONLY = (
     "eval_every",
@@ -130,7 +137,7 @@ def fingerprint(config: GPTConfig, cfg: TrainConfig, root: Path) -> str:
     loop = weight_settings(cfg)
     data = {
         "meta": file_md5(root / TOKENS_DIR / "meta.json"),
-        "tokenizer": file_md5(root / TOKENIZER_DIR / "tokenizer.json"),
+        "tokenizer": file_md5(root / TOKENIZER_DIR / TOKENIZER_FILE),
     }
     blob = json.dumps({"model": asdict(config), "loop": loop, "data": data}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -316,9 +323,9 @@ def _write_hf(model: Any, tokenizer_dir: Path, out: Path) -> None:
 
     tokenizer = load_tokenizer(tokenizer_dir)
     special = {
-        "bos_token_id": tokenizer.token_to_id("<|bos|>"),
-        "eos_token_id": tokenizer.token_to_id("<|eos|>"),
-        "pad_token_id": tokenizer.token_to_id("<|pad|>"),
+        "bos_token_id": tokenizer.token_to_id(BOS_TOKEN),
+        "eos_token_id": tokenizer.token_to_id(EOS_TOKEN),
+        "pad_token_id": tokenizer.token_to_id(PAD_TOKEN),
     }
     save_hf(model, out, special)
     copy_tokenizer(tokenizer_dir, out)
@@ -331,7 +338,7 @@ def export_hf(checkpoint: Path, out: Path, root: Path) -> str:
     model = load_checkpoint(checkpoint)
     layout = hf_layout(model.config)  # ValueError naming the mismatch when there is no twin
     tokenizer_dir = (
-        Path(checkpoint) if (Path(checkpoint) / "tokenizer.json").is_file() else root / TOKENIZER_DIR
+        Path(checkpoint) if (Path(checkpoint) / TOKENIZER_FILE).is_file() else root / TOKENIZER_DIR
     )
     with atomic_dir(Path(out)) as tmp:
         _write_hf(model, tokenizer_dir, tmp)

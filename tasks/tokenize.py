@@ -26,11 +26,10 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model.textgen import load_tokenizer
-from tasks.io import atomic_dir, file_md5, hash_fraction, iter_batches, write_json
-from tasks.layout import DEDUP_DIR, TOKENIZER_FILE, TOKENS_DIR
-from tasks.params import ParamsError
-from tasks.tokenizer import EOS_TOKEN
+from model.tokens import EOS_TOKEN, load_tokenizer
+from tasks.core.io import atomic_dir, file_md5, hash_fraction, iter_batches, write_json
+from tasks.core.layout import DEDUP_DIR, TOKENIZER_FILE, TOKENS_DIR
+from tasks.core.params import ParamsError
 
 SPLITS = ("train", "val")
 META_FORMAT = 1
@@ -60,7 +59,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def load_with_eos(path: Path) -> tuple[Tokenizer, int]:
-    """The tokenizer, safe for ordinary text (see tasks.tokenizer.load_tokenizer), and its eos id."""
+    """The tokenizer, safe for ordinary text (model.tokens.load_tokenizer), and its eos id."""
     tokenizer = load_tokenizer(path)
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
     if eos_id is None:

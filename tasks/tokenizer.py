@@ -6,7 +6,7 @@
    `max_doc_chars`), so memory is bounded by the pair counts, not the corpus.
 2. Save models/tokenizer/ atomically: tokenizer.json plus tokenizer_config.json and
    special_tokens_map.json, so `transformers.PreTrainedTokenizerFast.from_pretrained(dir)` loads it with
-   bos/eos/pad set and the chat template of tasks/chat.py.
+   bos/eos/pad set and the chat template of model/chat.py.
 3. Compare (optional): on a deterministic document-level split (hash of id + seed), train byte-level
    BPE, WordPiece, Unigram and a character baseline on the training part and measure them on the
    holdout: chars/bytes per token, unk rate, exact round-trips, training time, encoding speed
@@ -14,8 +14,8 @@
 
 How to encode ordinary text (important): special tokens (`<|eos|>`, ...) are added as *special*
 tokens, and by default `tokenizers` matches their spelling inside raw text. Ordinary text must never
-produce a special id, so callers must load the tokenizer with `model.textgen.load_tokenizer()` (or pass
-it through `model.textgen.for_ordinary_text`: the flag is not stored in tokenizer.json) and append
+produce a special id, so callers must load the tokenizer with `model.tokens.load_tokenizer()` (or pass
+it through `model.tokens.for_ordinary_text`: the flag is not stored in tokenizer.json) and append
 special ids explicitly:
 
     tok = load_tokenizer(root / TOKENIZER_DIR)
@@ -34,14 +34,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model import textgen
-from tasks import chat
-from tasks.io import atomic_dir, atomic_file, hash_fraction, iter_batches, write_json
-from tasks.layout import DEDUP_DIR, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR
-from tasks.params import ParamsError
+from model import chat
+from model.tokens import (
+    BOS_TOKEN,
+    DEFAULT_SPECIAL_TOKENS,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    ROLES,
+    TOKENIZER_FILE,
+    byte_decoder,
+    for_ordinary_text,
+)
+from tasks.core.io import atomic_dir, atomic_file, hash_fraction, iter_batches, write_json
+from tasks.core.layout import DEDUP_DIR, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR
+from tasks.core.params import ParamsError
 
 REPORT_DIR = REPORTS_DIR / "tokenizer"
 COMPARISON_PLOT = PLOTS_DIR / "tokenizer_comparison.csv"
@@ -53,10 +61,6 @@ GPT4_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-BOS_TOKEN = "<|bos|>"
-EOS_TOKEN = textgen.EOS_TOKEN
-PAD_TOKEN = "<|pad|>"
-DEFAULT_SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, "<|system|>", "<|user|>", "<|assistant|>"]
 BYTE_ALPHABET_SIZE = 256
 
 #: Unknown-token spellings of the comparison families that have one.
@@ -229,7 +233,7 @@ def _train_filter(p: TokenizerParams, total_chars: int) -> Callable[[str], bool]
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path, p: TokenizerParams) -> None:
     """tokenizer.json + the two transformers config files, written into `directory` (already atomic)."""
-    tokenizer.save(str(directory / "tokenizer.json"), pretty=True)
+    tokenizer.save(str(directory / TOKENIZER_FILE), pretty=True)
     special_map = {
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
@@ -247,8 +251,8 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path, p: TokenizerParams) ->
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000_000_000_019_884_624_838_656,
     }
-    if all(f"<|{role}|>" in p.special_tokens for role in chat.ROLES):
-        config["chat_template"] = chat.CHAT_TEMPLATE  # apply_chat_template renders tasks/chat.py's text
+    if all(f"<|{role}|>" in p.special_tokens for role in ROLES):
+        config["chat_template"] = chat.CHAT_TEMPLATE  # apply_chat_template renders model/chat.py's text
     write_json(directory / "tokenizer_config.json", config)
     write_json(directory / "special_tokens_map.json", special_map)
 
@@ -384,39 +388,12 @@ def compare_families(
                 text_batches(directory, p, keep=_train_filter(p, total_chars)), trainer=trainer
             )
             seconds = time.perf_counter() - start
-            textgen.for_ordinary_text(tok)
+            for_ordinary_text(tok)
             metrics = _hf_measure(tok, unk, holdout)
             vocab = tok.get_vocab_size(with_added_tokens=True)
             examples[family] = [_display_tokens(tok, s) for s in EXAMPLE_SENTENCES]
         rows.append({"family": family, "vocab_size": vocab, **metrics, "train_seconds": seconds})
     return rows, examples
-
-
-def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes each id stands for (byte-level BPE: one symbol per byte); special tokens count 0."""
-    symbols = _byte_decoder()
-    special = {added.content for added in tokenizer.get_added_tokens_decoder().values() if added.special}
-    lengths = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), np.int64)
-    for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
-        lengths[index] = 0 if token in special else sum(ch in symbols for ch in token)
-    return lengths
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte ↔ printable-symbol table (what the ByteLevel pre-tokenizer emits), inverted."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    symbols = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            symbols.append(256 + extra)
-            extra += 1
-    return {chr(s): b for b, s in zip(printable, symbols, strict=True)}
 
 
 def _display_tokens(tok: Tokenizer, text: str) -> list[str]:
@@ -425,7 +402,7 @@ def _display_tokens(tok: Tokenizer, text: str) -> list[str]:
     ids = tok.encode(text, add_special_tokens=False).ids
     if not isinstance(tok.decoder, decoders.ByteLevel):
         return [tok.id_to_token(i) for i in ids]
-    table = _byte_decoder()
+    table = byte_decoder()
     pieces = []
     for i in ids:
         raw = bytes(table[ch] for ch in tok.id_to_token(i))
@@ -499,7 +476,7 @@ def train(directory: Path, p: TokenizerParams, stats: CorpusStats | None = None)
     """Train the byte-level BPE on every document of `directory` (streamed)."""
     tokenizer = byte_level_bpe(p.pattern)
     tokenizer.train_from_iterator(text_batches(directory, p, stats=stats), trainer=bpe_trainer(p))
-    return textgen.for_ordinary_text(tokenizer)
+    return for_ordinary_text(tokenizer)
 
 
 def run(params: TokenizerParams, root: Path) -> dict[str, int | float]:

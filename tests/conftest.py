@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.params import set_overrides
+from tasks.core.params import set_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 _STATE = Path(os.environ.get("PYTEST_LLMPIPE_STATE", f"/tmp/llmpipe-tests-{os.getpid()}"))
@@ -232,7 +232,7 @@ CHAT_MESSAGES = [
 @pytest.fixture(scope="session")
 def chat_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     """A small byte-level BPE with the chat specials, saved like the tokenizer stage saves it."""
-    from model.textgen import load_tokenizer
+    from model.tokens import load_tokenizer
     from tasks.tokenizer import TokenizerParams, bpe_trainer, byte_level_bpe, save_tokenizer
 
     params = TokenizerParams(vocab_size=400)
@@ -253,8 +253,8 @@ def write_tiny_base(root: Path, tokenizer_dir: Path, block_size: int = 64) -> Pa
 
     from model.config import GPTConfig
     from model.gpt import GPT
-    from model.textgen import load_tokenizer
-    from tasks.io import write_json
+    from model.tokens import load_tokenizer
+    from tasks.core.io import write_json
 
     (root / "dvc.yaml").write_text("stages: {}\n")
     (root / "params.yaml").write_text("{}\n")

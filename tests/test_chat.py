@@ -1,4 +1,4 @@
-"""tasks/chat.py: the chat template (as transformers renders it), history truncation to the context
+"""model/chat.py: the chat template (as transformers renders it), history truncation to the context
 window, a streaming chat session, and `llmpipe chat`."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import CHAT_MESSAGES, write_tiny_base
 
+from model import chat
 from model.config import GPTConfig
 from model.generate import GenerationConfig
 from model.gpt import GPT
 from model.textgen import Generator
-from tasks import chat
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""tasks/compare.py on a hand-made MLflow store: lineage through md5 tags, the params that really
+"""tasks/core/compare.py on a hand-made MLflow store: lineage through md5 tags, the params that really
 differ, the best run, and clear errors."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import mlflow
 import pytest
 from conftest import restored_mlflow_uri
 
-from tasks.compare import compare_runs
-from tasks.tracking import STAGE_TAG, configure
+from tasks.core.compare import compare_runs
+from tasks.core.tracking import STAGE_TAG, configure
 
 
 @pytest.fixture

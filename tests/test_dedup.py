@@ -1,4 +1,4 @@
-"""Stage `dedup` (tasks/dedup.py, tasks/minhash.py): planted duplicates from real Shakespeare text at
+"""Stage `dedup` (tasks/dedup.py, tasks/data/minhash.py): planted duplicates from real Shakespeare text at
 measured exact Jaccard, the removal policy (best-first, verified links to kept documents only),
 determinism across workers/shards/engines, CJK, edge cases, params and the DVC wiring."""
 
@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from tasks import minhash
+from tasks.core.io import content_id
+from tasks.core.params import ParamsError, parse_section, set_overrides
+from tasks.data import minhash
 from tasks.dedup import DedupParams, run
-from tasks.io import content_id
 from tasks.normalize import NORMALIZED_SCHEMA
-from tasks.params import ParamsError, parse_section, set_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "corpus" / "en" / "shakespeare"

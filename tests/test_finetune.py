@@ -14,9 +14,9 @@ from conftest import BuiltProject, run_cli
 
 from model.lora import load_adapter, lora_param_count, read_settings
 from model.train import load_checkpoint
-from tasks.compare import compare_runs
+from tasks.core.compare import compare_runs
+from tasks.core.params import ParamsError, parse_section, set_overrides
 from tasks.finetune import BASE_RUN_TAG, FinetuneParams
-from tasks.params import ParamsError, parse_section, set_overrides
 
 pytestmark = pytest.mark.slow
 

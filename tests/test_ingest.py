@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from tasks import readers
+from tasks.core.io import DOC_SCHEMA, QUARANTINE_SCHEMA, ShardWriter, content_id, shard_paths
+from tasks.core.params import ParamsError, parse_section
+from tasks.data import readers
 from tasks.ingest import IngestParams, run
-from tasks.io import DOC_SCHEMA, QUARANTINE_SCHEMA, ShardWriter, content_id, shard_paths
-from tasks.params import ParamsError, parse_section
 
 
 def docs(root: Path) -> list[dict]:

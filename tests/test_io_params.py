@@ -9,8 +9,8 @@ from typing import Literal
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.io import DOC_SCHEMA, ShardWriter, atomic_dir, atomic_file, count_rows, dvc_md5, iter_batches
-from tasks.params import ParamsError, parse_section, set_overrides
+from tasks.core.io import DOC_SCHEMA, ShardWriter, atomic_dir, atomic_file, count_rows, dvc_md5, iter_batches
+from tasks.core.params import ParamsError, parse_section, set_overrides
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:

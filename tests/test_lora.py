@@ -14,6 +14,7 @@ from conftest import CHAT_MESSAGES
 from test_hf import LAYOUTS, random_model
 from test_train import KillAt, write_tokens
 
+from model import chat
 from model.config import GPTConfig
 from model.data import BatchCursor, ExampleBatches, MixedBatches, TokenShards
 from model.gpt import GPT
@@ -31,7 +32,6 @@ from model.lora import (
 )
 from model.lora import save_adapter as save
 from model.train import TrainConfig, latest_checkpoint, train
-from tasks import chat
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

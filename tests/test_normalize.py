@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import tasks.normalize as normalize
-from tasks.io import DOC_SCHEMA, ShardWriter, content_id
-from tasks.layout import NORMALIZED_DIR, PLOTS_DIR, QUARANTINE_DIR, RAW_DIR, REPORTS_DIR
+from tasks.core.io import DOC_SCHEMA, ShardWriter, content_id
+from tasks.core.layout import NORMALIZED_DIR, PLOTS_DIR, QUARANTINE_DIR, RAW_DIR, REPORTS_DIR
+from tasks.core.params import ParamsError, parse_section
 from tasks.normalize import (
     NORMALIZED_SCHEMA,
     REASONS,
@@ -21,7 +22,6 @@ from tasks.normalize import (
     detect_script,
     normalize_text,
 )
-from tasks.params import ParamsError, parse_section
 
 ENGLISH = (
     "The old harbour town wakes slowly in winter. Before the sun has cleared the hills, the fishing "

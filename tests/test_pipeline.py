@@ -14,9 +14,9 @@ import pytest
 import yaml
 from conftest import BuiltProject, run_cli
 
-from tasks.params import set_overrides
-from tasks.runner import STAGES
-from tasks.tracking import latest_stage_runs, numeric_metrics
+from tasks.core.params import set_overrides
+from tasks.core.stages import STAGES
+from tasks.core.tracking import latest_stage_runs, numeric_metrics
 
 pytestmark = pytest.mark.slow
 

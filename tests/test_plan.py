@@ -24,9 +24,9 @@ from model.flops import (
     train_flops_per_token,
 )
 from model.scaling import CHINCHILLA_TABLE3, chinchilla_optimal, choose_shape, kaplan_optimal
-from tasks.io import write_json
-from tasks.layout import PLAN_FILE, TOKENS_DIR
-from tasks.params import ParamsError, parse_section
+from tasks.core.io import write_json
+from tasks.core.layout import PLAN_FILE, TOKENS_DIR
+from tasks.core.params import ParamsError, parse_section
 from tasks.plan import ModelParams, PlanParams, apply_plan, buildable, make_plan, run
 
 GPT2 = GPTConfig(

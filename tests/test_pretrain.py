@@ -16,7 +16,7 @@ import torch
 from conftest import BuiltProject, run_cli
 
 from model.train import load_checkpoint
-from tasks.params import ParamsError, parse_section, set_overrides
+from tasks.core.params import ParamsError, parse_section, set_overrides
 from tasks.pretrain import PretrainParams
 
 FAST = [

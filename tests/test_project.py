@@ -10,9 +10,8 @@ import pytest
 import yaml
 
 from flows.stages import select_stages
-from tasks.layout import PIPELINE_STAGES
-from tasks.params import load_section
-from tasks.runner import STAGES
+from tasks.core.params import load_section
+from tasks.core.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +27,7 @@ EXTRA_PARAMS = {"plan": ["pretrain.model"], "domain": ["ingest", "normalize", "d
 
 def test_every_stage_is_declared_once_with_its_own_params_and_metrics() -> None:
     declared = dvc_stages()
-    assert list(declared) == [stage for stage in PIPELINE_STAGES if stage in STAGES]
+    assert list(declared) == list(STAGES)
     for name, spec in declared.items():
         assert spec["cmd"] == f"llmpipe stage {name}"
         assert spec["params"] == [name, *EXTRA_PARAMS.get(name, [])]
@@ -48,7 +47,7 @@ def test_each_stage_reads_what_an_earlier_one_writes() -> None:
 
 
 def test_stage_slicing() -> None:
-    stages = list(PIPELINE_STAGES)
+    stages = list(STAGES)
     assert select_stages(stages, start="dedup", end="plan") == ["dedup", "tokenizer", "tokenize", "plan"]
     assert select_stages(stages, only=["evaluate", "ingest"]) == ["ingest", "evaluate"]
     with pytest.raises(ValueError, match="dedupe"):

@@ -1,4 +1,4 @@
-"""tasks/registry.py + tasks/serving.py: the model as an MLflow pyfunc text generator in the registry, the
+"""tasks/serving/registry.py + pyfunc.py: the model as an MLflow pyfunc text generator in the registry, the
 champion alias following the best score, loading in a fresh process, and `mlflow models serve`."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import mlflow
 import pytest
 from conftest import restored_mlflow_uri, write_tiny_base
 
-from tasks import registry
+from tasks.serving import registry
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from conftest import BuiltProject
 
-from tasks.tracking import PIPELINE_TAG
+from tasks.core.tracking import PIPELINE_TAG
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

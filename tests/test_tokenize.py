@@ -12,10 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.data import BatchCursor, TokenShards
-from tasks.io import content_id, hash_fraction
+from model.tokens import EOS_TOKEN
+from tasks.core.io import content_id, hash_fraction
+from tasks.core.layout import TOKENIZER_FILE, TOKENS_DIR
+from tasks.core.params import ParamsError
 from tasks.normalize import NORMALIZED_SCHEMA as SCHEMA
-from tasks.params import ParamsError
-from tasks.tokenize import EOS_TOKEN, TOKENIZER_FILE, TOKENS_DIR, TokenizeParams, run
+from tasks.tokenize import TokenizeParams, run
 
 WORDS = [
     "the",

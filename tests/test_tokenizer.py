@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.textgen import load_tokenizer
-from tasks.io import content_id
-from tasks.layout import TOKENIZER_DIR, TOKENIZER_FILE
+from model.tokens import EOS_TOKEN, load_tokenizer
+from tasks.core.io import content_id
+from tasks.core.layout import TOKENIZER_DIR, TOKENIZER_FILE
+from tasks.core.params import ParamsError
 from tasks.normalize import NORMALIZED_SCHEMA as SCHEMA
-from tasks.params import ParamsError
-from tasks.tokenizer import EOS_TOKEN, FAMILIES, TokenizerParams, run
+from tasks.tokenizer import FAMILIES, TokenizerParams, run
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "corpus" / "en" / "shakespeare"

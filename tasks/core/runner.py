@@ -7,54 +7,15 @@ Parse the stage's params section → call its plain function → write `metrics/
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from tasks import tracking
-from tasks.io import read_json, write_json
-from tasks.layout import METRICS_DIR, PARAMS_FILE
-from tasks.params import ParamsError, load_section, parse_section
-
-
-class Stage(NamedTuple):
-    """A stage is the module tasks/<module>.py: its params dataclass and its `run(params, root)`. The module
-    is imported only when used, so `llmpipe stage ingest` does not pay for torch or peft."""
-
-    module: str
-    params_name: str
-    summary: str
-
-    @property
-    def params_class(self) -> type:
-        return getattr(importlib.import_module(f"tasks.{self.module}"), self.params_name)
-
-    @property
-    def run(self) -> Callable[[Any, Path], dict[str, Any]]:
-        return importlib.import_module(f"tasks.{self.module}").run
-
-
-#: The stages, in pipeline order (layout.PIPELINE_STAGES).
-STAGES: dict[str, Stage] = {
-    "ingest": Stage("ingest", "IngestParams", "read raw files into Parquet; quarantine bad records"),
-    "normalize": Stage(
-        "normalize", "NormalizeParams", "Unicode/whitespace clean-up and Gopher quality filters"
-    ),
-    "dedup": Stage("dedup", "DedupParams", "exact + MinHash/LSH near-duplicate removal, verified"),
-    "tokenizer": Stage("tokenizer", "TokenizerParams", "train a byte-level BPE; compare tokenizer families"),
-    "tokenize": Stage("tokenize", "TokenizeParams", "encode train/val splits into token shards"),
-    "plan": Stage("plan", "PlanParams", "FLOPs budget → compute-optimal model shape and token budget"),
-    "pretrain": Stage("pretrain", "PretrainParams", "train the planned GPT; resumable; HF export"),
-    "domain": Stage("domain", "DomainParams", "the fine-tuning corpus through ingest → tokenize"),
-    "finetune": Stage(
-        "finetune", "FinetuneParams", "LoRA fine-tuning (domain or SFT); full / last-layer compared"
-    ),
-    "evaluate": Stage(
-        "evaluate", "EvaluateParams", "perplexity + bits per byte vs n-gram baselines; generations"
-    ),
-}
+from tasks.core import tracking
+from tasks.core.io import read_json, write_json
+from tasks.core.layout import METRICS_DIR, PARAMS_FILE
+from tasks.core.params import ParamsError, load_section, parse_section
+from tasks.core.stages import STAGES
 
 
 def is_main_process() -> bool:

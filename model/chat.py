@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model.tokens import ROLES
+
 if TYPE_CHECKING:
     from model.generate import GenerationConfig
     from model.textgen import Generator
 
-ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = (
     "{{ '<|bos|>' }}"
     "{% for message in messages %}"

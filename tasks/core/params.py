@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 from ruamel.yaml import YAML
 
-from tasks.io import atomic_file
+from tasks.core.io import atomic_file
 
 T = TypeVar("T")
 

@@ -1,5 +1,5 @@
 """The MLflow pyfunc text generator, logged as "models from code": MLflow stores this file with the
-model and runs it on load, and `set_model` below names the model. tasks/registry.py logs it.
+model and runs it on load, and `set_model` below names the model. tasks/serving/registry.py logs it.
 
     model = mlflow.pyfunc.load_model("models:/llmpipe@champion")
     model.predict(["The movie was full of", "ROMEO."], params={"max_new_tokens": 20, "strategy": "beam"})
@@ -50,7 +50,7 @@ class TextGenerator(PythonModel):
     ) -> pd.DataFrame:
         from model.generate import GenerationConfig
 
-        settings = dict(params or {})  # MLflow fills in the signature's defaults (tasks/registry.py)
+        settings = dict(params or {})  # MLflow fills in the signature's defaults (tasks/serving/registry.py)
         settings["stop"] = tuple(settings.get("stop") or ())
         config = GenerationConfig(**settings)
         config.validate()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.tracking import PIPELINE_TAG, STAGE_TAG, stage_runs
+from tasks.core.tracking import PIPELINE_TAG, STAGE_TAG, stage_runs
 
 #: Metrics worth a row in the comparison, per stage (when the stage logged them).
 KEY_METRICS = {

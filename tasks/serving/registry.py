@@ -1,5 +1,5 @@
 """The MLflow model registry: each evaluate run logs the model as a pyfunc text generator
-(tasks/serving.py, "models from code") and registers it as a new version; an alias (`champion`) points
+(tasks/serving/pyfunc.py, "models from code") and registers it as a new version; an alias (`champion`) points
 at the version with the lowest bits per byte.
 
     llmpipe         models/base                   ranked by val_bpb (the general validation split)
@@ -22,9 +22,9 @@ from typing import Any
 
 import model as model_package
 from model.generate import GenerationConfig
-from model.textgen import TOKENIZER_FILE
+from model.tokens import TOKENIZER_FILE
 
-SERVING_CODE = Path(__file__).with_name("serving.py")
+SERVING_CODE = Path(__file__).with_name("pyfunc.py")
 MODEL_CODE = Path(model_package.__file__).parent
 #: What the pyfunc needs of models/base (hf/ and the rest stay out of the registry).
 BASE_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE, "tokenizer_config.json")

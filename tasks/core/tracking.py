@@ -22,9 +22,9 @@ import yaml
 from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
-from tasks.io import dvc_md5, read_json
-from tasks.layout import METRICS_DIR, PARAMS_FILE, PLOTS_DIR, REPORTS_DIR, state_dir
-from tasks.params import load_params_file
+from tasks.core.io import dvc_md5, read_json
+from tasks.core.layout import METRICS_DIR, PARAMS_FILE, PLOTS_DIR, REPORTS_DIR, state_dir
+from tasks.core.params import load_params_file
 
 PARENT_RUN_ENV = "LLMPIPE_PARENT_RUN_ID"
 EXPERIMENT_ENV = "LLMPIPE_EXPERIMENT"

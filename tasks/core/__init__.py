@@ -1,0 +1,1 @@
+"""The machinery every stage uses: files, params, layout, the stage runner, MLflow tracking, parallel maps."""

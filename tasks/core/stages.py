@@ -1,0 +1,54 @@
+"""The one list of stages, in pipeline order: the runner, `llmpipe`, the flow, the deps generator and the
+tests all read it. Light on purpose (no torch, MLflow or DVC): a stage's module is imported only when used,
+so `llmpipe stage ingest` does not pay for torch or peft."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Stage `name` is the module tasks/<name>.py: its params dataclass `params_name`, `run(params, root)`."""
+
+    name: str
+    params_name: str
+    summary: str
+
+    @property
+    def module(self) -> str:
+        return f"tasks.{self.name}"
+
+    @property
+    def path(self) -> Path:
+        """The stage module's file, relative to the project root."""
+        return Path("tasks") / f"{self.name}.py"
+
+    @property
+    def params_class(self) -> type:
+        return getattr(importlib.import_module(self.module), self.params_name)
+
+    @property
+    def run(self) -> Callable[[Any, Path], dict[str, Any]]:
+        return importlib.import_module(self.module).run  # type: ignore[no-any-return]
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("ingest", "IngestParams", "read raw files into Parquet; quarantine bad records"),
+        Stage("normalize", "NormalizeParams", "Unicode/whitespace clean-up and Gopher quality filters"),
+        Stage("dedup", "DedupParams", "exact + MinHash/LSH near-duplicate removal, verified"),
+        Stage("tokenizer", "TokenizerParams", "train a byte-level BPE; compare tokenizer families"),
+        Stage("tokenize", "TokenizeParams", "encode train/val splits into token shards"),
+        Stage("plan", "PlanParams", "FLOPs budget → compute-optimal model shape and token budget"),
+        Stage("pretrain", "PretrainParams", "train the planned GPT; resumable; HF export"),
+        Stage("domain", "DomainParams", "the fine-tuning corpus through ingest → tokenize"),
+        Stage("finetune", "FinetuneParams", "LoRA fine-tuning (domain or SFT); full / last-layer compared"),
+        Stage("evaluate", "EvaluateParams", "perplexity + bits per byte vs n-gram baselines; generations"),
+    )
+}

@@ -1,0 +1,1 @@
+"""Building blocks of the data stages: format readers, quality filters, MinHash."""

@@ -1,0 +1,1 @@
+"""The trained model outside the pipeline: the MLflow pyfunc and the registry."""
