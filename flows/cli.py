@@ -321,13 +321,13 @@ def plan(
 ) -> None:
     """Plan a training run for a compute budget: model shape, tokens, time, cost, data check.
 
-    Starts from the project's params.yaml (plan, pretrain.model) when run inside one; options override."""
+    Starts from the project's params.yaml (plan) when run inside one; options override."""
     import dataclasses
     import json
 
     from tasks.core.layout import state_dir
     from tasks.core.params import load_params_file, parse_section
-    from tasks.plan import PlanParams, make_plan, model_params, read_token_meta, summary_rows
+    from tasks.plan import PlanParams, make_plan, read_token_meta, summary_rows
 
     try:
         root: Path | None = project_root()
@@ -336,7 +336,6 @@ def plan(
     try:
         params = load_params_file(root / PARAMS_FILE) if root else {}
         base = parse_section(PlanParams, "plan", params.get("plan"))
-        model = model_params(params)
         changes = {"gpu": gpu, "gpus": gpus, "hours": hours, "mfu": mfu, "usd_per_gpu_hour": price}
         changes |= {"context_length": context, "flops": flops}
         changes = {key: value for key, value in changes.items() if value is not None}
@@ -349,7 +348,7 @@ def plan(
             meta["vocab_size"] if meta else (params.get("tokenizer") or {}).get("vocab_size", 8192)
         )
         train_tokens = tokens if tokens is not None else (meta["splits"]["train"]["tokens"] if meta else None)
-        result = make_plan(chosen, model, vocab_size, train_tokens, state_dir(root) if root else None)
+        result = make_plan(chosen, chosen.model, vocab_size, train_tokens, state_dir(root) if root else None)
     except ParamsError as err:
         errors.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

@@ -13,8 +13,12 @@ Conventions (the ones nanoGPT's MFU estimate and PaLM's appendix B use):
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from model.config import GPTConfig
 
@@ -159,3 +163,20 @@ def peak_flops(gpu: str) -> float:
     if gpu not in ACCELERATORS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(ACCELERATOR_NAMES)}")
     return ACCELERATORS[gpu].peak_flops
+
+
+def cpu_peak_flops(cache: Path | None = None) -> float:
+    """This machine's measured matmul FLOP/s (2 digits), remembered in the JSON file `cache` so that the
+    same machine plans the same model run after run (the measurement itself varies by a few percent)."""
+    key = f"{platform.machine()}/{platform.processor() or platform.node()}/{os.cpu_count()}"
+    if cache is not None and cache.is_file():
+        remembered = json.loads(cache.read_text(encoding="utf-8"))
+        if remembered.get("machine") == key:
+            return float(remembered["peak_flops"])
+    peak = float(f"{measure_cpu_flops():.2g}")
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_name(f".{cache.name}.tmp")
+        temporary.write_text(json.dumps({"machine": key, "peak_flops": peak}), encoding="utf-8")
+        temporary.replace(cache)
+    return peak

@@ -43,7 +43,7 @@ from tasks.core.io import (
 )
 from tasks.core.layout import DEDUP_DIR, NORMALIZED_DIR, PLOTS_DIR, REPORTS_DIR, state_dir
 from tasks.core.parallel import ordered_map
-from tasks.core.params import ParamsError
+from tasks.core.params import ParamsError, StageParams
 from tasks.data import minhash
 
 REPORT_DIR = REPORTS_DIR / "dedup"
@@ -69,7 +69,7 @@ REMOVED_SCHEMA = pa.schema(
 
 
 @dataclass
-class DedupParams:
+class DedupParams(StageParams):
     threshold: float = 0.8  # Jaccard at or above which two documents are duplicates
     num_perm: int = 112  # MinHash permutations (= bands × rows)
     bands: int = 14  # LSH bands: P(candidate | J) = 1 - (1 - J^rows)^bands
@@ -432,7 +432,6 @@ def _write_examples(root: Path, limit: int = 200) -> None:
 
 def run(params: DedupParams, root: Path) -> dict[str, int | float]:
     """Read data/normalized/, write data/dedup/ + reports/dedup/ + plots, return metrics."""
-    params.validate()
     started = time.perf_counter()
     root = Path(root)
     source_dir = root / NORMALIZED_DIR

@@ -20,11 +20,11 @@ from typing import Any
 from tasks import dedup, ingest, normalize, tokenize
 from tasks.core.io import atomic_dir
 from tasks.core.layout import DOMAIN_DIR, PARAMS_FILE, TOKENIZER_FILE
-from tasks.core.params import ParamsError, load_section
+from tasks.core.params import ParamsError, StageParams, load_section
 
 
 @dataclass
-class DomainParams:
+class DomainParams(StageParams):
     paths: list[str] = field(default_factory=lambda: ["corpus/domain"])  # like ingest.paths
     text_field: str | None = None  # null: ingest.text_field
     val_fraction: float = 0.1  # share of domain documents held out (tokenize.val_fraction for this corpus)
@@ -38,7 +38,6 @@ class DomainParams:
 
 def run(params: DomainParams, root: Path) -> dict[str, Any]:
     """Read `domain.paths` + models/tokenizer/, write data/domain/; metrics per step plus a summary."""
-    params.validate()
     root = Path(root)
     if not (root / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{root / TOKENIZER_FILE}: no tokenizer (run the `tokenizer` stage first)")

@@ -36,7 +36,7 @@ from model.tokens import token_bytes
 from tasks.core import tracking
 from tasks.core.io import atomic_dir, atomic_file
 from tasks.core.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR
-from tasks.core.params import ParamsError
+from tasks.core.params import ParamsError, StageParams
 from tasks.serving import registry
 
 REPORT_DIR = REPORTS_DIR / "evaluate"
@@ -57,7 +57,7 @@ STRATEGIES: tuple[tuple[str, dict[str, Any]], ...] = (
 
 
 @dataclass
-class EvaluateParams:
+class EvaluateParams(StageParams):
     stride: int | None = None  # sliding-window stride in tokens; null: half the context
     max_tokens: int = 200_000  # score at most this many validation tokens (the start of the split)
     ngram_k: float = 0.01  # add-k smoothing of the n-gram baselines
@@ -155,7 +155,6 @@ def validation_metrics(
 
 def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
     """Read models/base (+ models/lora, data/domain) and data/tokens; write reports/evaluate and plots."""
-    params.validate()
     root = Path(root)
     generator = load_generator(root / BASE_DIR)
     sizes = token_bytes(generator.tokenizer)

@@ -39,7 +39,7 @@ from model.train import TrainResult, evaluate, load_checkpoint, setup_runtime, t
 from tasks.core import tracking
 from tasks.core.io import atomic_dir, atomic_file, file_md5, hash_fraction, read_json
 from tasks.core.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
-from tasks.core.params import ParamsError
+from tasks.core.params import ParamsError, StageParams
 from tasks.pretrain import LoopParams, StageCallbacks, copy_tokenizer, weight_settings
 
 REPORT_DIR = REPORTS_DIR / "finetune"
@@ -51,7 +51,7 @@ BASE_RUN_TAG = "llmpipe.base_run_id"
 
 
 @dataclass
-class LoraParams:
+class LoraParams(StageParams):
     r: int = 8  # rank of each adapter
     alpha: float = 16.0  # the update is scaled by alpha / r
     dropout: float = 0.05  # dropout on the adapter's input
@@ -270,7 +270,6 @@ def run(params: FinetuneParams, root: Path) -> dict[str, Any]:
     """Read models/base/ + the task's data, train each strategy, write models/lora/ and the reports."""
     import torch
 
-    params.validate()
     root = Path(root)
     base = load_checkpoint(root / BASE_DIR)
     lora = params.lora.settings()

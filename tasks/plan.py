@@ -5,7 +5,7 @@
 2. The compute-optimal split of that budget (model.scaling): Chinchilla's N_opt and D_opt, with Kaplan's
    allocation beside it for contrast.
 3. A buildable model: the shape nearest N_opt by the width-per-layer rule, with the architecture of
-   `pretrain.model` (positional encoding, norm, MLP, tying... change the count, so the plan uses them);
+   `plan.model` (positional encoding, norm, MLP, tying... change the count, so the plan uses them);
    any size set there (n_layer, n_embd, ...) overrides the plan's and is recorded under `overrides`.
    The token budget is what the budget buys for that model at the fuller FLOPs-per-token count, split
    into a batch size (power of two, at least `min_steps` steps) and a step count.
@@ -23,8 +23,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +33,7 @@ from model.flops import (
     ACCELERATORS,
     CPU,
     count_params,
+    cpu_peak_flops,
     forward_flops_per_token,
     peak_flops,
     train_flops_per_token,
@@ -49,8 +48,8 @@ from model.scaling import (
     kaplan_optimal,
 )
 from tasks.core.io import atomic_dir, atomic_file, read_json, write_json
-from tasks.core.layout import PARAMS_FILE, PLAN_FILE, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
-from tasks.core.params import ParamsError, load_params_file, parse_section
+from tasks.core.layout import CPU_RATE_FILE, PLAN_FILE, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
+from tasks.core.params import ParamsError, StageParams
 
 PLAN_FORMAT = 1
 REPORT_DIR = REPORTS_DIR / "plan"
@@ -59,7 +58,7 @@ BYTES_PER_PARAM_TRAINING = 16  # bf16 weights + grads, fp32 master weights + two
 
 
 @dataclass
-class InferenceParams:
+class InferenceParams(StageParams):
     input_tokens: int = 512  # prompt tokens per request
     output_tokens: int = 128  # generated tokens per request
     usd_per_million_input: float = 0.05
@@ -67,7 +66,35 @@ class InferenceParams:
 
 
 @dataclass
-class PlanParams:
+class ModelParams(StageParams):
+    """`plan.model`: the architecture to plan for; a size set here overrides the plan's choice."""
+
+    pos_encoding: Literal["rope", "learned", "sinusoidal"] = "rope"
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    mlp: Literal["gelu", "swiglu"] = "swiglu"
+    bias: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    sliding_window: int | None = None
+    rope_theta: float = 10000.0
+    n_layer: int | None = None  # sizes: null = the plan's
+    n_embd: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    mlp_hidden: int | None = None
+    block_size: int | None = None  # null = plan.context_length
+
+    SIZES = ("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden", "block_size")
+
+    def architecture(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.SIZES}
+
+    def sizes(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.SIZES if getattr(self, k) is not None}
+
+
+@dataclass
+class PlanParams(StageParams):
     flops: float | None = None  # total training FLOPs; null: peak(gpu) × gpus × hours × mfu
     gpu: str = CPU  # one of model.flops.ACCELERATOR_NAMES; "cpu" is measured on this machine
     gpus: int = 1
@@ -83,6 +110,7 @@ class PlanParams:
     max_batch_tokens: int = 1 << 20
     max_epochs: float = 4.0  # warn when the plan needs more passes over the training split
     inference: InferenceParams = field(default_factory=InferenceParams)
+    model: ModelParams = field(default_factory=ModelParams)  # the architecture; sizes set here override
 
     def validate(self, where: str = "params.yaml: plan.") -> None:
         """Raise ParamsError naming the bad value; `where` prefixes the key (a CLI passes "--")."""
@@ -114,46 +142,6 @@ class PlanParams:
                 fail(f"inference.{key}", f"must be ≥ 0, got {value}")
 
 
-@dataclass
-class ModelParams:
-    """`pretrain.model`: the architecture to plan for; a size set here overrides the plan's choice."""
-
-    pos_encoding: Literal["rope", "learned", "sinusoidal"] = "rope"
-    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
-    mlp: Literal["gelu", "swiglu"] = "swiglu"
-    bias: bool = False
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    sliding_window: int | None = None
-    rope_theta: float = 10000.0
-    n_layer: int | None = None  # sizes: null = the plan's
-    n_embd: int | None = None
-    n_head: int | None = None
-    n_kv_head: int | None = None
-    mlp_hidden: int | None = None
-    block_size: int | None = None  # null = plan.context_length
-
-    SIZES = ("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden", "block_size")
-
-    def architecture(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.SIZES}
-
-    def sizes(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.SIZES if getattr(self, k) is not None}
-
-
-def model_params(params: dict[str, Any]) -> ModelParams:
-    """`pretrain.model` of a params.yaml mapping (defaults where absent)."""
-    pretrain = params.get("pretrain") or {}
-    if not isinstance(pretrain, dict):
-        raise ParamsError(f"params.yaml: section 'pretrain' must be a mapping, got {pretrain!r}")
-    return parse_section(ModelParams, "pretrain.model", pretrain.get("model"))
-
-
-def load_model_params(root: Path) -> ModelParams:
-    return model_params(load_params_file(root / PARAMS_FILE))
-
-
 # --------------------------------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------------------------------
@@ -173,24 +161,9 @@ class Budget:
         return self.peak_flops * self.gpus * self.mfu
 
 
-def cpu_peak_flops(state: Path | None) -> float:
-    """This machine's measured matmul FLOP/s (2 digits), remembered in `state` so that the same machine
-    plans the same model run after run (the measurement itself varies by a few percent)."""
-    key = f"{platform.machine()}/{platform.processor() or platform.node()}/{os.cpu_count()}"
-    cache = state / "cpu-peak-flops.json" if state is not None else None
-    if cache is not None and cache.is_file():
-        remembered = read_json(cache)
-        if remembered.get("machine") == key:
-            return float(remembered["peak_flops"])
-    peak = float(f"{peak_flops(CPU):.2g}")
-    if cache is not None:
-        write_json(cache, {"machine": key, "peak_flops": peak})
-    return peak
-
-
 def resolve_budget(p: PlanParams, state: Path | None = None) -> Budget:
     """The budget in FLOPs and in hours, from the GPU table or this CPU's rate (remembered in `state`)."""
-    peak = cpu_peak_flops(state) if p.gpu == CPU else peak_flops(p.gpu)
+    peak = cpu_peak_flops(state / CPU_RATE_FILE if state else None) if p.gpu == CPU else peak_flops(p.gpu)
     sustained = peak * p.gpus * p.mfu
     if p.flops is not None:
         return Budget(p.flops, p.gpu, p.gpus, peak, p.mfu, p.flops / sustained / 3600)
@@ -215,7 +188,6 @@ def make_plan(
     state: Path | None = None,
 ) -> dict[str, Any]:
     """The whole plan as a JSON-able dict (reports/plan/plan.json); `state` keeps the CPU rate."""
-    p.validate()
     budget = resolve_budget(p, state)
     optimal = chinchilla_optimal(budget.flops)
     kaplan = kaplan_optimal(budget.flops)
@@ -228,7 +200,7 @@ def make_plan(
         planned = choose_shape(optimal.params, template, p.aspect_ratio, p.head_dim, p.heads_per_kv_head)
         config = dataclasses.replace(planned, **model.sizes())
     except ValueError as err:  # e.g. an odd head_dim with rope, or sizes that do not fit together
-        raise ParamsError(f"params.yaml: plan / pretrain.model do not make a valid model: {err}") from None
+        raise ParamsError(f"params.yaml: plan / plan.model do not make a valid model: {err}") from None
     overrides = {
         key: {"planned": getattr(planned, key), "used": value}
         for key, value in model.sizes().items()
@@ -354,11 +326,6 @@ def buildable(plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def apply_plan(plan: dict[str, Any]) -> GPTConfig:
-    """The model config a plan (full or buildable) asks pretrain to build."""
-    return GPTConfig.from_dict(plan["model"])
-
-
 # --------------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------------
@@ -445,7 +412,7 @@ def summary_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         )
     )
     for key, change in plan["overrides"].items():
-        rows.append((f"override {key}", f"{change['planned']} planned → {change['used']} (pretrain.model)"))
+        rows.append((f"override {key}", f"{change['planned']} planned → {change['used']} (plan.model)"))
     for warning in plan["warnings"]:
         rows.append(("WARNING", warning))
     return rows
@@ -523,7 +490,7 @@ def read_token_meta(root: Path) -> dict[str, Any] | None:
 
 
 def run(params: PlanParams, root: Path) -> dict[str, int | float]:
-    """Read data/tokens/meta.json + params (plan, pretrain.model), write models/plan.json and reports."""
+    """Read data/tokens/meta.json + params (plan, plan.model), write models/plan.json and reports."""
     root = Path(root)
     meta = read_token_meta(root)
     if meta is None:
@@ -531,7 +498,7 @@ def run(params: PlanParams, root: Path) -> dict[str, int | float]:
             f"{root / TOKENS_DIR / 'meta.json'}: no token shards (run the tokenize stage)"
         )
     train_tokens = meta["splits"]["train"]["tokens"]
-    plan = make_plan(params, load_model_params(root), meta["vocab_size"], train_tokens, state_dir(root))
+    plan = make_plan(params, params.model, meta["vocab_size"], train_tokens, state_dir(root))
     for warning in plan["warnings"]:
         print(f"plan: warning: {warning}")
     write_json(root / PLAN_FILE, buildable(plan))

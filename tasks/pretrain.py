@@ -1,6 +1,6 @@
 """Stage `pretrain`: build the GPT that models/plan.json describes and train it on data/tokens/.
 
-1. The model config and token budget come from models/plan.json (sizes set in `pretrain.model` were
+1. The model config and token budget come from models/plan.json (sizes set in `plan.model` were
    already applied by the plan stage and are recorded there); `pretrain.steps` / `batch_size` override
    the plan's schedule and the metrics say so.
 2. model/train.py runs the loop. Its checkpoints live in .llmpipe/checkpoints/pretrain/, outside DVC's
@@ -31,13 +31,14 @@ import numpy as np
 
 from model.config import GPTConfig
 from model.data import TokenShards
-from model.flops import ACCELERATORS, accelerator_for
+from model.flops import ACCELERATORS, accelerator_for, cpu_peak_flops
 from model.tokens import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, TOKENIZER_FILE, TOKENIZER_FILES, load_tokenizer
 from model.train import Callbacks, TrainConfig, TrainResult, load_checkpoint, train
 from tasks.core import tracking
 from tasks.core.io import atomic_dir, atomic_file, file_md5, read_json, write_json
 from tasks.core.layout import (
     BASE_DIR,
+    CPU_RATE_FILE,
     PLAN_FILE,
     PLOTS_DIR,
     REPORTS_DIR,
@@ -45,8 +46,7 @@ from tasks.core.layout import (
     TOKENS_DIR,
     state_dir,
 )
-from tasks.core.params import ParamsError
-from tasks.plan import ModelParams, apply_plan, cpu_peak_flops
+from tasks.core.params import ParamsError, StageParams
 
 REPORT_DIR = REPORTS_DIR / "pretrain"
 LOSS_PLOT = PLOTS_DIR / "pretrain_loss.csv"
@@ -64,7 +64,7 @@ OBSERVATION_ONLY = (
 
 
 @dataclass
-class LoopParams:
+class LoopParams(StageParams):
     """The training-loop settings of every training stage (pretrain, finetune): TrainConfig's fields."""
 
     micro_batch_size: int | None = None  # per forward pass; smaller = less memory, same result
@@ -101,7 +101,6 @@ class LoopParams:
 
 @dataclass
 class PretrainParams(LoopParams):
-    model: ModelParams = field(default_factory=ModelParams)  # read by the plan stage, which sizes it
     steps: int | None = None  # optimizer steps; null: the plan's
     batch_size: int | None = None  # sequences per step; null: the plan's
     log_model: bool = True  # copy models/base/ into the MLflow run's artifacts
@@ -149,7 +148,7 @@ def device_peak_flops(device: str, root: Path) -> float | None:
 
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         ranks = int(os.environ.get("WORLD_SIZE", "1"))  # CPU ranks share the machine
-        return cpu_peak_flops(state_dir(root)) / ranks
+        return cpu_peak_flops(state_dir(root) / CPU_RATE_FILE) / ranks
     key = accelerator_for(torch.cuda.get_device_name(torch.device(device if device != "auto" else "cuda")))
     return ACCELERATORS[key].peak_flops if key else None  # an unknown GPU: no MFU rather than a wrong one
 
@@ -236,7 +235,7 @@ def run(params: PretrainParams, root: Path) -> dict[str, int | float]:
     if not (root / PLAN_FILE).is_file():
         raise FileNotFoundError(f"{root / PLAN_FILE}: no plan (run the `plan` stage first)")
     plan = read_json(root / PLAN_FILE)
-    config = apply_plan(plan)
+    config = GPTConfig.from_dict(plan["model"])
     cfg = params.train_config(plan)
     train_data, val_data = TokenShards(root / TOKENS_DIR, "train"), TokenShards(root / TOKENS_DIR, "val")
     if train_data.vocab_size != config.vocab_size:

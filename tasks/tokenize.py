@@ -29,14 +29,14 @@ from tqdm import tqdm
 from model.tokens import EOS_TOKEN, load_tokenizer
 from tasks.core.io import atomic_dir, file_md5, hash_fraction, iter_batches, write_json
 from tasks.core.layout import DEDUP_DIR, TOKENIZER_FILE, TOKENS_DIR
-from tasks.core.params import ParamsError
+from tasks.core.params import ParamsError, StageParams
 
 SPLITS = ("train", "val")
 META_FORMAT = 1
 
 
 @dataclass
-class TokenizeParams:
+class TokenizeParams(StageParams):
     val_fraction: float = 0.05  # share of documents in the validation split (split by document)
     seed: int = 0  # split seed: which documents are validation
     batch_size: int = 1000  # documents per encode_batch_fast call (bounds memory; Rust parallelises within)
@@ -131,7 +131,6 @@ def _plan_split(source_dir: Path, params: TokenizeParams) -> tuple[int, str | No
 
 def run(params: TokenizeParams, root: Path) -> dict[str, int | float]:
     """Read data/dedup/ + models/tokenizer/tokenizer.json, write data/tokens/, return metrics."""
-    params.validate()
     started = time.perf_counter()
     root = Path(root)
     source_dir = root / DEDUP_DIR

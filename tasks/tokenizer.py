@@ -49,7 +49,7 @@ from model.tokens import (
 )
 from tasks.core.io import atomic_dir, atomic_file, hash_fraction, iter_batches, write_json
 from tasks.core.layout import DEDUP_DIR, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR
-from tasks.core.params import ParamsError
+from tasks.core.params import ParamsError, StageParams
 
 REPORT_DIR = REPORTS_DIR / "tokenizer"
 COMPARISON_PLOT = PLOTS_DIR / "tokenizer_comparison.csv"
@@ -89,7 +89,7 @@ EXAMPLE_SENTENCES = (
 
 
 @dataclass
-class TokenizerParams:
+class TokenizerParams(StageParams):
     vocab_size: int = 8192  # target vocabulary size, special tokens and the 256 byte symbols included
     min_frequency: int = 2  # a pair must occur at least this often to be merged
     special_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_SPECIAL_TOKENS))
@@ -481,7 +481,6 @@ def train(directory: Path, p: TokenizerParams, stats: CorpusStats | None = None)
 
 def run(params: TokenizerParams, root: Path) -> dict[str, int | float]:
     """Read data/dedup/, write models/tokenizer/ (+ comparison reports), return metrics."""
-    params.validate()
     source = root / DEDUP_DIR
     stats = CorpusStats()
     start = time.perf_counter()

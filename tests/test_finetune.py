@@ -160,7 +160,7 @@ def test_finetune_compares_strategies_and_ships_a_peft_adapter(
     worst = comparison.runs[scores.index(max(scores))].evaluate.data.tags["llmpipe.registered.llmpipe"]
     client.set_registered_model_alias("llmpipe", "champion", worst)
     shown = run_cli(project, "llmpipe", "compare", "--last", "2", "--metric", "domain_bpb_lora", "--promote")
-    assert "finetune.steps" in shown.stdout and "pretrain.model" not in shown.stdout
+    assert "finetune.steps" in shown.stdout and "plan.model" not in shown.stdout
     promoted = comparison.best.evaluate.data.tags["llmpipe.registered.llmpipe"]
     assert client.get_model_version_by_alias("llmpipe", "champion").version == int(promoted)
     assert (project / "reports/compare/loss.png").stat().st_size > 0

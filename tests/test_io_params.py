@@ -142,3 +142,15 @@ def test_temporaries_of_a_live_run_are_not_swept(tmp_path: Path) -> None:
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_moved_setting_names_its_new_key(tmp_path: Path) -> None:
+    """pretrain.model moved to plan.model: an old params.yaml or -S override says where it went."""
+    from tasks.pretrain import PretrainParams
+
+    with pytest.raises(ParamsError, match=r"pretrain\.model moved to plan\.model"):
+        parse_section(PretrainParams, "pretrain", {"model": {"n_layer": 2}})
+    params = tmp_path / "params.yaml"
+    params.write_text("pretrain:\n  lr: 0.1\nplan:\n  model:\n    n_layer: null\n")
+    with pytest.raises(ParamsError, match=r"rename pretrain\.model\.pos_encoding to plan\.model\."):
+        set_overrides(params, ["pretrain.model.pos_encoding=learned"])

@@ -27,7 +27,7 @@ from model.scaling import CHINCHILLA_TABLE3, chinchilla_optimal, choose_shape, k
 from tasks.core.io import write_json
 from tasks.core.layout import PLAN_FILE, TOKENS_DIR
 from tasks.core.params import ParamsError, parse_section
-from tasks.plan import ModelParams, PlanParams, apply_plan, buildable, make_plan, run
+from tasks.plan import ModelParams, PlanParams, buildable, make_plan, run
 
 GPT2 = GPTConfig(
     vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024,
@@ -110,7 +110,7 @@ def test_gpu_budget_plan_is_consistent() -> None:
     assert 0.5 < plan["params"]["total"] / plan["chinchilla"]["params"] < 2
     assert plan["data"]["epochs"] == pytest.approx(training["tokens"] / 10**9)
     assert not plan["data"]["enough"] and "epochs" in " ".join(plan["warnings"])
-    assert apply_plan(plan) == GPTConfig.from_dict(plan["model"])
+    assert GPTConfig.from_dict(plan["model"]).n_layer == plan["model"]["n_layer"]
     flops_plan = make_plan(
         PlanParams(flops=budget["flops"], gpu="h100", gpus=8, mfu=0.4), ModelParams(), 50257
     )
@@ -125,7 +125,7 @@ def test_size_overrides_are_used_and_recorded() -> None:
     assert forced["model"]["n_layer"] == 4 and forced["model"]["pos_encoding"] == "learned"
     assert forced["overrides"] == {"n_layer": {"planned": planned["model"]["n_layer"], "used": 4}}
     assert forced["training"]["tokens"] > planned["training"]["tokens"]  # a smaller model reads more tokens
-    with pytest.raises(ParamsError, match=re.escape("pretrain.model")):
+    with pytest.raises(ParamsError, match=re.escape("plan.model")):
         make_plan(H100_BUDGET, ModelParams(n_head=7), vocab_size=8192)
 
 
@@ -149,8 +149,8 @@ def test_nonsense_budgets_are_clear_errors(change: dict[str, object], message: s
 def test_nested_inference_params_are_checked() -> None:
     with pytest.raises(ParamsError, match=re.escape("plan.inference.output_tokens")):
         parse_section(PlanParams, "plan", {"inference": {"output_tokens": "many"}})
-    with pytest.raises(ParamsError, match=re.escape("pretrain.model.pos_encoding")):
-        parse_section(ModelParams, "pretrain.model", {"pos_encoding": "alibi"})
+    with pytest.raises(ParamsError, match=re.escape("plan.model.pos_encoding")):
+        parse_section(ModelParams, "plan.model", {"pos_encoding": "alibi"})
 
 
 def _fake_tokens(root: Path, train_tokens: int = 3_000_000) -> None:
@@ -159,8 +159,7 @@ def _fake_tokens(root: Path, train_tokens: int = 3_000_000) -> None:
 
 
 def test_stage_writes_a_deterministic_plan_and_reports(tmp_path: Path) -> None:
-    (tmp_path / "params.yaml").write_text("pretrain:\n  model:\n    mlp: gelu\n", encoding="utf-8")
-    budget = PlanParams(flops=1e15, gpu="a100")
+    budget = PlanParams(flops=1e15, gpu="a100", model=ModelParams(mlp="gelu"))
     with pytest.raises(FileNotFoundError, match="tokenize"):
         run(budget, tmp_path)
     _fake_tokens(tmp_path)
@@ -168,7 +167,11 @@ def test_stage_writes_a_deterministic_plan_and_reports(tmp_path: Path) -> None:
     first = (tmp_path / PLAN_FILE).read_bytes()
     plan = json.loads(first)
     full = json.loads((tmp_path / "reports/plan/plan.json").read_text())
-    assert plan == buildable(full) and apply_plan(plan).mlp == "gelu" and plan["model"]["vocab_size"] == 8192
+    assert (
+        plan == buildable(full)
+        and GPTConfig.from_dict(plan["model"]).mlp == "gelu"
+        and plan["model"]["vocab_size"] == 8192
+    )
     assert metrics["params"] == full["params"]["total"] and metrics["steps"] == plan["training"]["steps"]
     assert metrics["epochs"] == pytest.approx(plan["training"]["tokens"] / 3_000_000, abs=1e-4)
     for name in ("plan.md", "isoflops.png", "frontier.png"):
@@ -222,6 +225,6 @@ def test_plan_stage_in_the_pipeline_reads_the_token_split(
     full = json.loads((project / "reports/plan/plan.json").read_text())
     assert plan["model"]["vocab_size"] == meta["vocab_size"]
     assert full["data"]["train_tokens"] == meta["splits"]["train"]["tokens"]
-    run_cli(project, "llmpipe", "run", "--only", "plan", "-S", "pretrain.model.n_layer=3")
+    run_cli(project, "llmpipe", "run", "--only", "plan", "-S", "plan.model.n_layer=3")
     plan = json.loads((project / PLAN_FILE).read_text())
     assert plan["model"]["n_layer"] == 3 and plan["overrides"]["n_layer"]["used"] == 3

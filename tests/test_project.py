@@ -20,9 +20,9 @@ def dvc_stages() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
-#: Sections a stage reads besides its own: the plan sizes pretrain's architecture; the domain corpus is
+#: Sections a stage reads besides its own: the domain corpus is
 #: cleaned and encoded with the general corpus' settings.
-EXTRA_PARAMS = {"plan": ["pretrain.model"], "domain": ["ingest", "normalize", "dedup", "tokenize"]}
+EXTRA_PARAMS = {"domain": ["ingest", "normalize", "dedup", "tokenize"]}
 
 
 def test_every_stage_is_declared_once_with_its_own_params_and_metrics() -> None:

@@ -7,7 +7,7 @@ read is its pretrain run, and so on up to ingest. The lineage's logged params (e
 params.yaml section) are the run's whole configuration, so two runs differ exactly where those differ.
 
     comparison = compare_runs(root, last=3, metric="val_bpb")
-    comparison.differing_params()  # {"pretrain.model.pos_encoding": ["rope", "learned", "sinusoidal"]}
+    comparison.differing_params()  # {"plan.model.pos_encoding": ["rope", "learned", "sinusoidal"]}
     comparison.best                # the run with the lowest val_bpb
 """
 

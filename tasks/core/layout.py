@@ -29,6 +29,7 @@ PARAMS_FILE = Path("params.yaml")
 
 #: Everything the tools would otherwise write to $HOME (Prefect db, MLflow store, DVC site cache).
 STATE_DIR = Path(".llmpipe")
+CPU_RATE_FILE = "cpu-peak-flops.json"  # in STATE_DIR: this machine's measured FLOP/s (plan, pretrain MFU)
 
 
 def project_root(start: Path | None = None) -> Path:

@@ -22,9 +22,33 @@ from tasks.core.io import atomic_file
 
 T = TypeVar("T")
 
+#: Settings that moved, old key → new key: a params.yaml or `-S` written before the move gets a clear
+#: rename error instead of "unknown key".
+MOVED_KEYS = {"pretrain.model": "plan.model"}
+
 
 class ParamsError(ValueError):
     """A missing, unknown or ill-typed parameter; the message names it as `section.key`."""
+
+
+def _check_not_moved(key: str) -> None:
+    for old, new in MOVED_KEYS.items():
+        if key == old or key.startswith(f"{old}."):
+            raise ParamsError(
+                f"params.yaml: {old} moved to {new} (the stage that decides it reads it): "
+                f"rename {key} to {new}{key.removeprefix(old)}"
+            )
+
+
+class StageParams:
+    """Base of the stages' params dataclasses: validated once, when built, whoever builds them
+    (params.yaml through `parse_section`, a test, the domain stage reusing another stage's params)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ParamsError naming the bad `section.key`; types are checked by `parse_section` already."""
 
 
 def load_params_file(path: Path) -> dict[str, Any]:
@@ -89,6 +113,8 @@ def parse_section(cls: type[T], section: str, values: dict[str, Any] | None) -> 
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
+    for key in unknown:
+        _check_not_moved(f"{section}.{key}")
     if unknown:
         raise ParamsError(
             f"params.yaml: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
@@ -99,13 +125,9 @@ def parse_section(cls: type[T], section: str, values: dict[str, Any] | None) -> 
         for name, value in values.items()
     }
     try:
-        params = cls(**kwargs)
+        return cls(**kwargs)  # a StageParams validates itself here
     except TypeError as err:
         raise ParamsError(f"params.yaml: section '{section}': {err}") from None
-    validate = getattr(params, "validate", None)
-    if validate is not None:
-        validate()
-    return params
 
 
 def load_section(cls: type[T], section: str, params_file: Path) -> T:
@@ -123,6 +145,7 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
 def _assign(params: dict[str, Any], assignment: str) -> None:
     """Apply one `section.key=value` to a params mapping (plain dict or ruamel's commented map)."""
     keys, value = parse_override(assignment)
+    _check_not_moved(".".join(keys))
     node = params
     for key in keys[:-1]:
         if not isinstance(node.get(key), dict):
