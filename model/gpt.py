@@ -188,6 +188,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    pos_table: torch.Tensor  # sinusoidal: (block_size, n_embd), a buffer
+    rope_cos: torch.Tensor  # rope: (block_size, head_dim / 2), buffers
+    rope_sin: torch.Tensor
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config

@@ -329,7 +329,7 @@ def _decide(edges: np.ndarray, similarity: np.ndarray, rank: np.ndarray) -> Deci
     union = minhash.UnionFind(len(rank))
     for a, b in edges.tolist():
         union.union(a, b)
-    roots = defaultdict(int)
+    roots: defaultdict[int, int] = defaultdict(int)
     for doc in neighbours:
         roots[union.find(doc)] += 1
     decisions.cluster_sizes = sorted(roots.values(), reverse=True)
@@ -384,7 +384,7 @@ def _write_plots(root: Path, similarity: np.ndarray, threshold: float, bands: in
         writer.writerow(["jaccard", "verified", "rejected"])
         writer.writerows(zip(JACCARD_BINS[:-1].tolist(), verified.tolist(), rejected.tolist(), strict=True))
     grid = np.round(np.linspace(0.0, 1.0, 101), 2)
-    curve = minhash.candidate_probability(grid, bands, rows)
+    curve = np.asarray(minhash.candidate_probability(grid, bands, rows))
     with atomic_file(root / SCURVE_PLOT) as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["jaccard", "p_candidate"])

@@ -165,8 +165,8 @@ def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
         if len(domain) >= 2:
             adapted = load_adapter(copy.deepcopy(generator.model), root / LORA_DIR).eval()
             for name, model in (("base", generator.model), ("lora", adapted)):
-                bpb = strided_nll(model, domain, params.stride).bits_per_byte(sizes, domain)
-                metrics[f"domain_bpb_{name}"] = round(bpb, 5)
+                domain_bpb = strided_nll(model, domain, params.stride).bits_per_byte(sizes, domain)
+                metrics[f"domain_bpb_{name}"] = round(domain_bpb, 5)
 
     rows, greedy_steps = generation_rows(generator, params)
     metrics["generations"] = len(rows)

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from tasks.core.io import DOC_SCHEMA, QUARANTINE_SCHEMA, ShardWriter, atomic_dir, atomic_file, content_id
 from tasks.core.layout import QUARANTINE_DIR, RAW_DIR, REPORTS_DIR
-from tasks.core.params import ParamsError
-from tasks.data.readers import REASONS, Bad, Doc, ReadOptions, SourceFile
+from tasks.core.params import ParamsError, StageParams
+from tasks.data.readers import REASONS, Bad, Doc, ReadOptions, SourceFile, read_records
 
 QUARANTINE_INGEST_DIR = QUARANTINE_DIR / "ingest"
 REPORT_FILE = REPORTS_DIR / "ingest" / "files.csv"
@@ -41,7 +41,7 @@ REPORT_COLUMNS = ("path", "format", "encoding", "docs_in", "docs_out", "quaranti
 
 
 @dataclass
-class IngestParams:
+class IngestParams(StageParams):
     paths: list[str]  # files, directories (recursive, hidden entries skipped) and globs, relative to the root
     text_field: str = "text"  # field/column holding the text in jsonl/json/csv/parquet
     txt_doc_chars: int = 20000  # .txt/.md cut into ~this many chars at blank lines; 0 = one doc per file
@@ -195,7 +195,6 @@ def _no_documents_error(files: list[_FileReport], reasons: Counter[str], example
 def run(params: IngestParams, root: Path) -> dict[str, int | float]:
     """Read every input, write data/raw/ (+ data/quarantine/ingest/), return a small metrics dict."""
     started = time.perf_counter()
-    params.validate()
     root = Path(root)
     inputs = resolve_inputs(params.paths, root)
     files: list[_FileReport] = []
@@ -231,7 +230,7 @@ def run(params: IngestParams, root: Path) -> dict[str, int | float]:
         for path, display in progress:
             f = _FileReport(SourceFile(path, display, options))
             files.append(f)
-            for record in f.source.records():
+            for record in read_records(f.source):
                 emit(f, record)
             progress.set_postfix(docs=sum(x.docs_out for x in files), quarantined=sum(reasons.values()))
         progress.close()

@@ -1,27 +1,9 @@
 """Stage `normalize`: clean every raw document's text, then drop low-quality documents (Gopher rules).
 
-Per document, in this order:
-
-1. broken-encoding repair with ftfy (`fix_encoding`, a conservative config: no HTML unescaping, no quote
-   uncurling, no width/ligature folding; those are left to step 2);
-2. Unicode normalization (`unicode_form`, NFKC by default);
-3. line breaks unified (\\r\\n, \\r, VT, FF, NEL, U+2028/9 → \\n); control characters (Cc except \\n, \\t)
-   and invisible format characters (zero-width space/joiners, word joiner, BOM, soft hyphen, bidi
-   controls) removed;
-4. whitespace collapsed: runs of spaces/tabs (any horizontal whitespace) → one space, trailing spaces
-   per line stripped, 3+ newlines → one blank line, document stripped;
-5. length bounds in characters, then the Gopher quality filters (word count, mean word length,
-   `#`/ellipsis-to-word ratios, bullet/ellipsis lines, fraction of words with a letter) and the Gopher
-   repetition filters (duplicate paragraphs/lines, top 2/3/4-gram and duplicate 5..10-gram character
-   fractions), datatrove's GopherQualityFilter/GopherRepetitionFilter being the reference. The first
-   failing check gives the drop reason.
-
-Words depend on the document's script (`detect_script`). Latin/other text: whitespace-separated tokens
-(the Gopher paper's words). CJK text (Han/kana/Hangul above `cjk_min_fraction` of the letters): every
-CJK character is one token, runs of other letters/digits and runs of symbols are tokens. For CJK the
-mean-word-length filter is skipped (a character is not a word), word counts are divided by
-`cjk_chars_per_word` before the min/max word bounds, and the n-gram filters use n × `cjk_chars_per_word`
-character tokens, so a word 2-gram becomes a 4-character gram and a word 10-gram a 20-character one.
+Per document: the Unicode and whitespace clean-up of `tasks.data.cleanup` (ftfy encoding repair,
+`unicode_form`, line breaks, invisible characters, whitespace); its script (`tasks.data.words`: latin,
+cjk or other, which decides what a word is); then the length bounds and the Gopher quality and
+repetition rules of `tasks.data.gopher`, whose first failing rule gives the drop reason.
 
 Outputs: data/normalized (DOC_SCHEMA + `script`, `id` = content_id(normalized text)), every dropped
 document in data/quarantine/normalize (its raw id, source, `reason: detail` and raw text), a length
@@ -31,20 +13,15 @@ histogram (plots/normalize_lengths.csv, reports/normalize/length_hist.png) and r
 from __future__ import annotations
 
 import csv
-import itertools
-import re
 import time
-import unicodedata
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import ftfy
 import numpy as np
 import pyarrow as pa
-import regex
 from tqdm import tqdm
 
 from tasks.core.io import (
@@ -58,7 +35,10 @@ from tasks.core.io import (
 )
 from tasks.core.layout import NORMALIZED_DIR, PLOTS_DIR, QUARANTINE_DIR, RAW_DIR, REPORTS_DIR
 from tasks.core.parallel import ordered_map
-from tasks.core.params import ParamsError
+from tasks.core.params import ParamsError, StageParams
+from tasks.data import gopher
+from tasks.data.cleanup import normalize_text, repair_encoding
+from tasks.data.words import SCRIPTS, detect_script
 
 #: data/normalized: the document schema plus the script later stages (dedup shingling) key on.
 NORMALIZED_SCHEMA = DOC_SCHEMA.append(pa.field("script", pa.string()))
@@ -74,24 +54,7 @@ NORMALIZE_QUARANTINE_SCHEMA = pa.schema(
 )
 
 #: Drop reasons in the order the checks run (the first failing one is recorded).
-REASONS = (
-    "empty_after_normalization",
-    "too_short",
-    "too_long",
-    "too_few_words",
-    "too_many_words",
-    "mean_word_length",
-    "symbol_ratio",
-    "bullet_lines",
-    "ellipsis_lines",
-    "alpha_ratio",
-    "duplicate_paragraphs",
-    "duplicate_lines",
-    "top_ngram",
-    "duplicate_ngram",
-)
-
-SCRIPTS = ("latin", "cjk", "other")
+REASONS = ("empty_after_normalization", *gopher.REASONS)
 
 QUARANTINE_SUBDIR = "normalize"
 LENGTHS_PLOT = PLOTS_DIR / "normalize_lengths.csv"
@@ -105,7 +68,7 @@ _DUP_NGRAMS = (5, 6, 7, 8, 9, 10)
 
 
 @dataclass
-class NormalizeParams:
+class NormalizeParams(StageParams):
     """params.yaml `normalize:`. For every filter threshold, null (or 0) disables that check."""
 
     unicode_form: Literal["NFKC", "NFC", "NFKD", "NFD", "none"] = "NFKC"
@@ -188,255 +151,6 @@ class NormalizeParams:
 
 
 # --------------------------------------------------------------------------------------------------
-# Text normalization
-# --------------------------------------------------------------------------------------------------
-
-#: Encoding repair only: everything else ftfy could do is either left to unicodedata or out of scope.
-_FTFY_CONFIG = ftfy.TextFixerConfig(
-    unescape_html=False,
-    remove_terminal_escapes=True,
-    fix_encoding=True,
-    restore_byte_a0=True,
-    replace_lossy_sequences=True,
-    decode_inconsistent_utf8=True,
-    fix_c1_controls=True,
-    fix_latin_ligatures=False,
-    fix_character_width=False,
-    uncurl_quotes=False,
-    fix_line_breaks=False,
-    fix_surrogates=True,
-    remove_control_chars=False,
-    normalization=None,
-    explain=False,
-)
-
-_LINE_BREAK_RE = re.compile("\r\n?|[\x0b\x0c\x85\u2028\u2029]")
-# Cc except \t \n (\r, VT, FF, NEL became \n above) + soft hyphen, Arabic letter mark, Mongolian vowel
-# separator, zero-width space/non-joiner/joiner, LRM/RLM, bidi embeddings/overrides/isolates, word joiner
-# and invisible operators, BOM/zero-width no-break space.
-_INVISIBLE_RE = re.compile(
-    "[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e"
-    "\u2060-\u2064\u2066-\u2069\ufeff]+"
-)
-_HSPACE_RE = re.compile(r"[^\S\n]+")
-_TRAILING_SPACE_RE = re.compile(r" \n")
-_BLANK_LINES_RE = re.compile(r"\n{3,}")
-
-
-def normalize_text(text: str, unicode_form: str = "NFKC", fix_encoding: bool = True) -> str:
-    """The cleaned text (steps 1-4 of the module docstring); may be empty."""
-    if fix_encoding:
-        text = ftfy.fix_text(text, _FTFY_CONFIG)
-    if unicode_form != "none" and not unicodedata.is_normalized(unicode_form, text):
-        text = unicodedata.normalize(unicode_form, text)
-    text = _LINE_BREAK_RE.sub("\n", text)
-    text = _INVISIBLE_RE.sub("", text)
-    text = _HSPACE_RE.sub(" ", text)
-    text = _TRAILING_SPACE_RE.sub("\n", text)
-    text = _BLANK_LINES_RE.sub("\n\n", text)
-    return text.strip()
-
-
-# --------------------------------------------------------------------------------------------------
-# Script detection and words
-# --------------------------------------------------------------------------------------------------
-
-# ー (prolonged sound mark), 々 〆 ヽヾゝゞ (iteration marks) are Common-script but part of Japanese words.
-_CJK_CLASS = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\u30fc\u3005\u3006\u30fd\u30fe\u309d\u309e"
-_CJK_RUN_RE = regex.compile(f"[{_CJK_CLASS}]+")
-_LETTER_RUN_RE = regex.compile(r"\p{L}+")
-_LATIN_RUN_RE = regex.compile(r"\p{Latin}+")
-_ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
-# CJK tokens: one CJK character | a run of other letters/digits | a run of symbols.
-_CJK_TOKEN_RE = regex.compile(rf"[{_CJK_CLASS}]|[^\W_{_CJK_CLASS}]+|(?:[^\w\s]|_)+")
-_NON_CJK_WORD_RE = regex.compile(rf"[^\W_{_CJK_CLASS}]+")
-_NON_CJK_CHUNK_RE = regex.compile(rf"[^\s{_CJK_CLASS}]+")
-_PUNCT_ONLY_RE = regex.compile(r"\p{P}+")
-_LETTER_RE = regex.compile(r"\p{L}")
-# (stdlib `re` where it is faster: [^\W_] is a letter or digit, [^\W\d_] a letter.)
-# Within each whitespace token that has a letter or digit, the span from its first to its last one:
-# exactly one match per such token, so its length is the token's word length without punctuation.
-_WORD_CORE_RE = re.compile(r"[^\W_](?:\S*[^\W_])?")
-# Whitespace tokens that contain a letter (anchored at the token start, so linear time).
-_ALPHA_TOKEN_RE = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])*[^\W\d_]")
-
-
-def _count_chars(pattern: regex.Pattern[str], text: str) -> int:
-    return sum(map(len, pattern.findall(text)))
-
-
-def detect_script(text: str, cjk_min_fraction: float = 0.3) -> str:
-    """The document's script: "cjk" when Han/kana/Hangul are above `cjk_min_fraction` of its letters,
-    "latin" when Latin letters are at least half of them, else "other" (also for text without letters)."""
-    if text.isascii():
-        return "latin" if _ASCII_LETTER_RE.search(text) else "other"
-    letters = _count_chars(_LETTER_RUN_RE, text)
-    if not letters:
-        return "other"
-    if _count_chars(_CJK_RUN_RE, text) / letters > cjk_min_fraction:
-        return "cjk"
-    if _count_chars(_LATIN_RUN_RE, text) / letters >= 0.5:
-        return "latin"
-    return "other"
-
-
-def tokenize(text: str, script: str) -> list[str]:
-    """The tokens the n-gram filters run on: whitespace tokens, or CJK tokens for script "cjk"."""
-    return _CJK_TOKEN_RE.findall(text) if script == "cjk" else text.split()
-
-
-# --------------------------------------------------------------------------------------------------
-# Gopher filters
-# --------------------------------------------------------------------------------------------------
-
-
-def _duplicates(elements: list[str]) -> tuple[int, int]:
-    """(#elements that repeat an earlier one, #characters in them), as datatrove's find_duplicates."""
-    counts = Counter(elements)
-    dup_elements = dup_chars = 0
-    for element, count in counts.items():
-        if count > 1:
-            dup_elements += count - 1
-            dup_chars += len(element) * (count - 1)
-    return dup_elements, dup_chars
-
-
-def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
-    return list(zip(*(itertools.islice(tokens, k, None) for k in range(n)), strict=False))
-
-
-def _top_ngram_chars(tokens: list[str], n: int, sep: int) -> int:
-    """Characters covered by all occurrences of the most frequent n-gram (0 if no n-gram repeats)."""
-    grams = _ngrams(tokens, n)
-    if not grams:
-        return 0
-    gram, count = Counter(grams).most_common(1)[0]
-    if count < 2:
-        return 0
-    return (sum(map(len, gram)) + sep * (n - 1)) * count
-
-
-def _duplicate_ngram_chars(grams: list[tuple[str, ...]], prefix: list[int], n: int) -> int:
-    """Characters in n-grams repeating an earlier n-gram, non-overlapping (datatrove's find_all_duplicate)."""
-    seen: set[tuple[str, ...]] = set()
-    repeated = 0
-    i, end = 0, len(grams)
-    while i < end:
-        gram = grams[i]
-        if gram in seen:
-            repeated += prefix[i + n] - prefix[i]
-            i += n
-        else:
-            seen.add(gram)
-            i += 1
-    return repeated
-
-
-def _too_high(value: float, limit: float | None) -> bool:
-    return limit is not None and limit > 0 and value > limit
-
-
-def quality_reason(text: str, script: str, p: NormalizeParams) -> str | None:
-    """None if normalized, non-empty `text` passes every check, else `reason: detail` of the first failure."""
-    n_chars = len(text)
-    if p.min_chars and n_chars < p.min_chars:
-        return f"too_short: {n_chars} chars < {p.min_chars}"
-    if p.max_chars and n_chars > p.max_chars:
-        return f"too_long: {n_chars} chars > {p.max_chars}"
-
-    cjk = script == "cjk"
-    if cjk:
-        # Words: each CJK character, plus each run of other letters/digits. Alpha/symbol denominators:
-        # CJK characters plus the non-CJK chunks between spaces and CJK characters, where chunks of
-        # punctuation only (、。「」...) are ignored: in Latin text punctuation sticks to a word instead.
-        n_cjk = _count_chars(_CJK_RUN_RE, text)
-        chunks = [chunk for chunk in _NON_CJK_CHUNK_RE.findall(text) if not _PUNCT_ONLY_RE.fullmatch(chunk)]
-        n_tokens = n_cjk + len(chunks)
-        n_alpha = n_cjk + sum(1 for chunk in chunks if _LETTER_RE.search(chunk))
-        word_count = n_cjk / p.cjk_chars_per_word + len(_NON_CJK_WORD_RE.findall(text))
-        cores: list[str] = []
-    else:
-        n_tokens = len(text.split())
-        cores = _WORD_CORE_RE.findall(text)
-        n_alpha = len(_ALPHA_TOKEN_RE.findall(text))
-        word_count = len(cores)
-    shown_words = f"{word_count:.0f}" + (" (CJK chars / cjk_chars_per_word + other words)" if cjk else "")
-    if p.min_words and word_count < p.min_words:
-        return f"too_few_words: {shown_words} < {p.min_words}"
-    if p.max_words and word_count > p.max_words:
-        return f"too_many_words: {shown_words} > {p.max_words}"
-    if n_tokens == 0:
-        return "alpha_ratio: no words"
-
-    if not cjk and cores:
-        mean = sum(map(len, cores)) / len(cores)
-        if p.min_mean_word_length and mean < p.min_mean_word_length:
-            return f"mean_word_length: {mean:.2f} < {p.min_mean_word_length}"
-        if p.max_mean_word_length and mean > p.max_mean_word_length:
-            return f"mean_word_length: {mean:.2f} > {p.max_mean_word_length}"
-
-    hash_ratio = text.count("#") / n_tokens
-    if _too_high(hash_ratio, p.max_symbol_word_ratio):
-        return f"symbol_ratio: '#' per word {hash_ratio:.3f} > {p.max_symbol_word_ratio}"
-    ellipsis_ratio = (text.count("...") + text.count("…")) / n_tokens
-    if _too_high(ellipsis_ratio, p.max_symbol_word_ratio):
-        return f"symbol_ratio: ellipses per word {ellipsis_ratio:.3f} > {p.max_symbol_word_ratio}"
-
-    lines = [line for line in text.split("\n") if line]
-    n_lines = len(lines)
-    if p.max_bullet_line_fraction:
-        bullets = sum(1 for line in lines if line.lstrip().startswith(("•", "-")))
-        if bullets / n_lines > p.max_bullet_line_fraction:
-            return f"bullet_lines: {bullets / n_lines:.3f} of lines > {p.max_bullet_line_fraction}"
-    if p.max_ellipsis_line_fraction:
-        ellipses = sum(1 for line in lines if line.endswith(("...", "…")))
-        if ellipses / n_lines > p.max_ellipsis_line_fraction:
-            return f"ellipsis_lines: {ellipses / n_lines:.3f} of lines > {p.max_ellipsis_line_fraction}"
-
-    alpha = n_alpha / n_tokens
-    if p.min_alpha_word_fraction and alpha < p.min_alpha_word_fraction:
-        return f"alpha_ratio: {alpha:.3f} of words have a letter < {p.min_alpha_word_fraction}"
-
-    paragraphs = text.split("\n\n")
-    dup, dup_chars = _duplicates(paragraphs)
-    if _too_high(dup / len(paragraphs), p.max_duplicate_paragraph_fraction):
-        return (
-            f"duplicate_paragraphs: {dup / len(paragraphs):.3f} of paragraphs > "
-            f"{p.max_duplicate_paragraph_fraction}"
-        )
-    if _too_high(dup_chars / n_chars, p.max_duplicate_paragraph_char_fraction):
-        return (
-            f"duplicate_paragraphs: {dup_chars / n_chars:.3f} of chars > "
-            f"{p.max_duplicate_paragraph_char_fraction}"
-        )
-    dup, dup_chars = _duplicates(lines)
-    if _too_high(dup / n_lines, p.max_duplicate_line_fraction):
-        return f"duplicate_lines: {dup / n_lines:.3f} of lines > {p.max_duplicate_line_fraction}"
-    if _too_high(dup_chars / n_chars, p.max_duplicate_line_char_fraction):
-        return f"duplicate_lines: {dup_chars / n_chars:.3f} of chars > {p.max_duplicate_line_char_fraction}"
-
-    tokens = tokenize(text, script)
-    scale = p.cjk_chars_per_word if cjk else 1.0
-    sep = 0 if cjk else 1
-    lengths = list(map(len, tokens))
-    for n, limit in p.top_ngram_limits():
-        size = max(1, round(n * scale))
-        fraction = _top_ngram_chars(tokens, size, sep) / n_chars
-        if fraction > limit:
-            return f"top_ngram: most frequent {size}-gram covers {fraction:.3f} of chars > {limit}"
-    prefix = [0, *itertools.accumulate(lengths)]
-    for n, limit in p.duplicate_ngram_limits():
-        size = max(1, round(n * scale))
-        grams = _ngrams(tokens, size)
-        if len(set(grams)) == len(grams):
-            break  # no repeated n-gram, hence no repeated longer n-gram either
-        fraction = _duplicate_ngram_chars(grams, prefix, size) / n_chars
-        if fraction > limit:
-            return f"duplicate_ngram: repeated {size}-grams cover {fraction:.3f} of chars > {limit}"
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
 # Batches (the unit of work a worker process gets)
 # --------------------------------------------------------------------------------------------------
 
@@ -446,7 +160,7 @@ def classify(text: str, p: NormalizeParams) -> tuple[str, str | None]:
     if not text:
         return "other", "empty_after_normalization"
     script = detect_script(text, p.cjk_min_fraction)
-    return script, quality_reason(text, script, p)
+    return script, gopher.quality_reason(text, script, p)
 
 
 def process_texts(texts: list[str | None], p: NormalizeParams) -> dict[str, list[Any]]:
@@ -455,7 +169,7 @@ def process_texts(texts: list[str | None], p: NormalizeParams) -> dict[str, list
     out: dict[str, list[Any]] = {key: [] for key in ("text", "id", "script", "reason", "changed", "fixed")}
     for raw in texts:
         raw = raw or ""
-        fixed = ftfy.fix_text(raw, _FTFY_CONFIG) if p.fix_encoding and raw else raw
+        fixed = repair_encoding(raw) if p.fix_encoding and raw else raw
         text = normalize_text(fixed, p.unicode_form, fix_encoding=False)
         script, reason = classify(text, p)
         out["text"].append(text)
@@ -530,7 +244,6 @@ def run(params: NormalizeParams, root: Path) -> dict[str, int | float]:
     Metrics: docs_in, docs_out, dropped, dropped_<reason> for every reason in REASONS, chars_in,
     chars_out, docs_changed, docs_encoding_fixed, docs_out_<script>, seconds. docs_in == docs_out + dropped.
     """
-    params.validate()
     started = time.perf_counter()
     root = Path(root)
     raw_dir = root / RAW_DIR

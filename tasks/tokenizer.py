@@ -319,13 +319,13 @@ def _family_tokenizer(family: str, p: TokenizerParams) -> tuple[Tokenizer, Any, 
         tok = Tokenizer(models.Unigram())
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-        trainer = trainers.UnigramTrainer(
+        unigram = trainers.UnigramTrainer(
             vocab_size=p.vocab_size,
             special_tokens=[*specials, UNIGRAM_UNK],
             unk_token=UNIGRAM_UNK,
             show_progress=False,
         )
-        return tok, trainer, UNIGRAM_UNK
+        return tok, unigram, UNIGRAM_UNK
     raise ValueError(f"unknown tokenizer family {family!r}")
 
 
@@ -396,16 +396,23 @@ def compare_families(
     return rows, examples
 
 
+def _token(tok: Tokenizer, token_id: int) -> str:
+    token = tok.id_to_token(token_id)
+    if token is None:
+        raise ValueError(f"id {token_id} is not in the vocabulary")
+    return token
+
+
 def _display_tokens(tok: Tokenizer, text: str) -> list[str]:
     """Readable pieces of `text`: a byte-level token that is not whole UTF-8 shows as its hex bytes
     (`⟨e5 90⟩`), since a multi-byte character can be split across tokens."""
     ids = tok.encode(text, add_special_tokens=False).ids
     if not isinstance(tok.decoder, decoders.ByteLevel):
-        return [tok.id_to_token(i) for i in ids]
+        return [_token(tok, i) for i in ids]
     table = byte_decoder()
     pieces = []
     for i in ids:
-        raw = bytes(table[ch] for ch in tok.id_to_token(i))
+        raw = bytes(table[ch] for ch in _token(tok, i))
         try:
             pieces.append(raw.decode("utf-8"))
         except UnicodeDecodeError:

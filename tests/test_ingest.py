@@ -16,6 +16,7 @@ import zstandard
 from tasks.core.io import DOC_SCHEMA, QUARANTINE_SCHEMA, ShardWriter, content_id, shard_paths
 from tasks.core.params import ParamsError, parse_section
 from tasks.data import readers
+from tasks.data.readers import json as json_reader
 from tasks.ingest import IngestParams, run
 
 
@@ -189,7 +190,7 @@ def test_txt_paragraph_longer_than_the_limit_is_cut_at_lines(tmp_path: Path) -> 
 
 
 def test_json_array_streams_across_read_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(readers, "JSON_READ_CHARS", 7)  # every value spans several reads
+    monkeypatch.setattr(json_reader, "JSON_READ_CHARS", 7)  # every value spans several reads
     items = [{"text": f"doc {i} " + "é" * i, "n": 12345.5e3} for i in range(30)]
     write(tmp_path / "big.json", " [\n" + ",\n ".join(json.dumps(x) for x in items) + "\n]\n")
     write(tmp_path / "bad.json", '[{"text": "good"}, {"text": "broken" "x"}, {"text": "lost"}]')

@@ -14,14 +14,9 @@ import tasks.normalize as normalize
 from tasks.core.io import DOC_SCHEMA, ShardWriter, content_id
 from tasks.core.layout import NORMALIZED_DIR, PLOTS_DIR, QUARANTINE_DIR, RAW_DIR, REPORTS_DIR
 from tasks.core.params import ParamsError, parse_section
-from tasks.normalize import (
-    NORMALIZED_SCHEMA,
-    REASONS,
-    NormalizeParams,
-    classify,
-    detect_script,
-    normalize_text,
-)
+from tasks.data.cleanup import normalize_text
+from tasks.data.words import detect_script
+from tasks.normalize import NORMALIZED_SCHEMA, REASONS, NormalizeParams, classify
 
 ENGLISH = (
     "The old harbour town wakes slowly in winter. Before the sun has cleared the hills, the fishing "

@@ -81,8 +81,8 @@ class Comparison:
 
     @property
     def best(self) -> ComparedRun | None:
-        scored = [(run.metric(self.metric), i) for i, run in enumerate(self.runs)]
-        scored = [(value, i) for value, i in scored if value is not None and math.isfinite(value)]
+        values = [(run.metric(self.metric), i) for i, run in enumerate(self.runs)]
+        scored = [(value, i) for value, i in values if value is not None and math.isfinite(value)]
         if not scored:
             return None
         best = (min if self.lower_is_better else max)(scored, key=lambda pair: pair[0])

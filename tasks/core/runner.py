@@ -1,7 +1,10 @@
 """Run one stage the same way from every entry point (`llmpipe stage`, `dvc repro`, the Prefect flow).
 
 Parse the stage's params section → call its plain function → write `metrics/<stage>.json` atomically
-→ log a tracked MLflow run. Stages themselves know nothing about MLflow, DVC or Prefect.
+→ log a tracked MLflow run. Stages know nothing about DVC or Prefect, and most nothing about MLflow: the
+runner logs their params and metrics. The three that make a model (pretrain, finetune, evaluate) also
+stream curves, log artifacts and register the model through tasks/core/tracking.py, whose helpers do
+nothing when no run is active (a stage function called from a notebook or a test).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def run_stage(name: str, root: Path, track: bool = True) -> dict[str, Any]:
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     stage = STAGES[name]
-    params = load_section(stage.params_class, name, root / PARAMS_FILE)
+    params: Any = load_section(stage.params_class, name, root / PARAMS_FILE)
     if getattr(params, "nproc", 1) > 1 and "RANK" not in os.environ:
         return launch_torchrun(name, root, params.nproc)
     if not track or not is_main_process():

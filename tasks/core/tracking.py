@@ -57,7 +57,10 @@ def configure(root: Path) -> str:
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created concurrently by another process
-        return mlflow.get_experiment_by_name(name).experiment_id
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def git_commit(root: Path) -> str:
@@ -170,7 +173,7 @@ def finish_stage(root: Path, stage: str, metrics: Mapping[str, Any]) -> None:
 
 def set_tags(tags: Mapping[str, str]) -> None:
     if mlflow.active_run() is not None:
-        mlflow.set_tags(tags)
+        mlflow.set_tags(dict(tags))
 
 
 def log_table(rows: list[dict[str, Any]], artifact_file: str) -> None:

@@ -1,1 +1,2 @@
-"""Building blocks of the data stages: format readers, quality filters, MinHash."""
+"""Building blocks of the data stages: format readers, text clean-up, script and word counts, the Gopher
+quality rules, MinHash."""

@@ -136,7 +136,7 @@ class MinHasher:
 
     def __init__(self, num_perm: int, seed: int) -> None:
         a, b = MinHash(num_perm=num_perm, seed=seed).permutations
-        self.num_perm, self.seed = num_perm, seed
+        self.num_perm = num_perm
         self._a = np.asarray(a, dtype=np.uint32)
         self._b = np.asarray(b, dtype=np.uint32)
         self._scratch = np.empty((0, num_perm), dtype=np.uint32)
@@ -152,12 +152,6 @@ class MinHasher:
         np.multiply(mixed[:, None], self._a, out=permuted)
         np.add(permuted, self._b, out=permuted)
         return permuted.min(axis=0)
-
-    def lean_minhash(self, signature: np.ndarray):
-        """The signature as a datasketch `LeanMinHash`, e.g. to query a `MinHashLSH` index."""
-        from datasketch import LeanMinHash
-
-        return LeanMinHash(seed=self.seed, hashvalues=signature, scheme="affine32")
 
 
 @functools.lru_cache(maxsize=8)
