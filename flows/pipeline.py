@@ -26,9 +26,7 @@ from tasks.core import tracking
 from tasks.core.layout import PARAMS_FILE, project_root
 from tasks.core.params import load_params_file, set_overrides
 from tasks.core.runner import validate_params
-
-#: `llmpipe stage` exits with this code for bad input or bad params: retrying cannot help.
-INPUT_ERROR_EXIT = 3
+from tasks.core.stages import INPUT_ERROR_EXIT
 
 
 class StageFailed(RuntimeError):

@@ -8,17 +8,16 @@ which is how plan.json and checkpoints store it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+# The allowed values of each choice, spelled only here (`typing.get_args` gives them as a tuple).
 PositionalEncoding = Literal["rope", "learned", "sinusoidal"]
 Norm = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["gelu", "swiglu"]
-
-POSITIONAL_ENCODINGS: tuple[str, ...] = ("rope", "learned", "sinusoidal")
-NORMS: tuple[str, ...] = ("layernorm", "rmsnorm")
-MLP_KINDS: tuple[str, ...] = ("gelu", "swiglu")
 
 
 def swiglu_hidden(n_embd: int, multiple_of: int = 64) -> int:
@@ -63,7 +62,7 @@ class GPTConfig:
             fail("n_kv_head", f"({self.n_kv_head}) must divide n_head ({self.n_head})")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             fail("mlp_hidden", f"must be ≥ 1, got {self.mlp_hidden}")
-        for key, allowed in (("pos_encoding", POSITIONAL_ENCODINGS), ("norm", NORMS), ("mlp", MLP_KINDS)):
+        for key, allowed in _choices().items():
             if getattr(self, key) not in allowed:
                 fail(key, f"must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -101,3 +100,10 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"GPTConfig: unknown field(s) {', '.join(unknown)}")
         return cls(**values)
+
+
+@functools.cache
+def _choices() -> dict[str, tuple[Any, ...]]:
+    """The allowed values of each GPTConfig field typed as a Literal, read from the type hints."""
+    hints = typing.get_type_hints(GPTConfig)
+    return {name: typing.get_args(hint) for name, hint in hints.items() if typing.get_origin(hint) is Literal}

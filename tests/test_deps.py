@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 from pathlib import Path
 
 import yaml
 
 from flows import deps
+from tasks.core.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,3 +64,25 @@ def test_the_tokenizer_does_not_depend_on_the_model_code() -> None:
     for stage in ("ingest", "normalize", "dedup", "tokenizer", "tokenize"):
         assert not {"model/gpt.py", "model/train.py", "model/generate.py"} & set(code[stage]), stage
     assert "model/gpt.py" in code["evaluate"] and "model/lora.py" in code["evaluate"]
+
+
+def test_layers_import_one_way_and_stages_are_leaves() -> None:
+    """model/ imports neither tasks/ nor flows/; tasks/ never imports flows/; a stage module imports no
+    other stage module (domain excepted: it runs the data stages on the fine-tuning corpus by design)."""
+    stage_files = {stage.path.as_posix() for stage in STAGES.values()}
+    for path in sorted(REPO.glob("*/**/*.py")):
+        module = path.relative_to(REPO)
+        if module.parts[0] not in ("model", "tasks", "flows"):
+            continue
+        imported = {
+            target.as_posix()
+            for name in deps._imported_names(ast.parse(path.read_text(encoding="utf-8")))
+            if (target := deps.resolve(name, REPO)) is not None and target != module
+        }
+        layer = module.parts[0]
+        if layer == "model":
+            assert not {p for p in imported if not p.startswith("model/")}, module
+        if layer == "tasks":
+            assert not {p for p in imported if p.startswith("flows/")}, module
+        if module.as_posix() in stage_files and module.name != "domain.py":
+            assert not imported & stage_files, f"{module} imports the stage(s) {imported & stage_files}"

@@ -228,4 +228,4 @@ def test_cli_streams_text_and_prints_the_token_table(tmp_path: Path, chat_tokeni
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 2 and "greedy, beam or sample" in bad.stderr
+    assert bad.returncode == 2 and "greedy, sample or beam" in bad.stderr

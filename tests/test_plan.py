@@ -15,6 +15,7 @@ from conftest import BuiltProject, run_cli
 from typer.testing import CliRunner
 
 from flows.cli import app
+from model import planner
 from model.config import GPTConfig
 from model.flops import (
     ACCELERATORS,
@@ -23,11 +24,12 @@ from model.flops import (
     forward_flops_per_token,
     train_flops_per_token,
 )
+from model.planner import InvalidSetting, ModelSettings, PlanSettings
 from model.scaling import CHINCHILLA_TABLE3, chinchilla_optimal, choose_shape, kaplan_optimal
 from tasks.core.io import write_json
 from tasks.core.layout import PLAN_FILE, TOKENS_DIR
 from tasks.core.params import ParamsError, parse_section
-from tasks.plan import ModelParams, PlanParams, buildable, make_plan, run
+from tasks.plan import PlanParams, buildable, make_plan, run
 
 GPT2 = GPTConfig(
     vocab_size=50257, n_layer=12, n_head=12, n_embd=768, block_size=1024,
@@ -101,7 +103,7 @@ def test_chosen_shape_is_near_the_optimum_and_follows_the_aspect_rule() -> None:
 
 
 def test_gpu_budget_plan_is_consistent() -> None:
-    plan = make_plan(H100_BUDGET, ModelParams(), vocab_size=50257, train_tokens=10**9)
+    plan = make_plan(H100_BUDGET, vocab_size=50257, train_tokens=10**9)
     budget, training = plan["budget"], plan["training"]
     assert budget["flops"] == pytest.approx(989.4e12 * 8 * 0.4 * 24 * 3600)
     assert training["hours"] == pytest.approx(24, rel=0.01)  # the token budget spends the GPU hours
@@ -111,22 +113,21 @@ def test_gpu_budget_plan_is_consistent() -> None:
     assert plan["data"]["epochs"] == pytest.approx(training["tokens"] / 10**9)
     assert not plan["data"]["enough"] and "epochs" in " ".join(plan["warnings"])
     assert GPTConfig.from_dict(plan["model"]).n_layer == plan["model"]["n_layer"]
-    flops_plan = make_plan(
-        PlanParams(flops=budget["flops"], gpu="h100", gpus=8, mfu=0.4), ModelParams(), 50257
-    )
+    flops_plan = make_plan(PlanParams(flops=budget["flops"], gpu="h100", gpus=8, mfu=0.4), 50257)
     assert flops_plan["model"] == plan["model"] and flops_plan["budget"]["hours"] == pytest.approx(24)
     request = plan["inference"]
     assert request["usd_per_request"] == pytest.approx((512 * 0.05 + 128 * 0.2) / 1e6)
 
 
 def test_size_overrides_are_used_and_recorded() -> None:
-    planned = make_plan(H100_BUDGET, ModelParams(), vocab_size=8192)
-    forced = make_plan(H100_BUDGET, ModelParams(n_layer=4, pos_encoding="learned"), vocab_size=8192)
+    planned = make_plan(H100_BUDGET, vocab_size=8192)
+    forced_model = ModelSettings(n_layer=4, pos_encoding="learned")
+    forced = make_plan(dataclasses.replace(H100_BUDGET, model=forced_model), vocab_size=8192)
     assert forced["model"]["n_layer"] == 4 and forced["model"]["pos_encoding"] == "learned"
     assert forced["overrides"] == {"n_layer": {"planned": planned["model"]["n_layer"], "used": 4}}
     assert forced["training"]["tokens"] > planned["training"]["tokens"]  # a smaller model reads more tokens
     with pytest.raises(ParamsError, match=re.escape("plan.model")):
-        make_plan(H100_BUDGET, ModelParams(n_head=7), vocab_size=8192)
+        make_plan(dataclasses.replace(H100_BUDGET, model=ModelSettings(n_head=7)), vocab_size=8192)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +151,21 @@ def test_nested_inference_params_are_checked() -> None:
     with pytest.raises(ParamsError, match=re.escape("plan.inference.output_tokens")):
         parse_section(PlanParams, "plan", {"inference": {"output_tokens": "many"}})
     with pytest.raises(ParamsError, match=re.escape("plan.model.pos_encoding")):
-        parse_section(ModelParams, "plan.model", {"pos_encoding": "alibi"})
+        parse_section(ModelSettings, "plan.model", {"pos_encoding": "alibi"})
+
+
+def test_model_settings_are_gptconfigs_fields_and_the_planner_names_bad_ones() -> None:
+    defaults = dataclasses.asdict(ModelSettings())
+    assert defaults.keys() == {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
+    architecture = {key: value for key, value in defaults.items() if key not in planner.PLANNED_SIZES}
+    shape = {"vocab_size": 8, "n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 8}
+    assert GPTConfig(**shape, **architecture) == GPTConfig(**shape)  # the same defaults
+    with pytest.raises(InvalidSetting, match=re.escape("mfu must be in")) as bad_budget:
+        PlanSettings(mfu=0)
+    assert bad_budget.value.key == "mfu"
+    with pytest.raises(InvalidSetting, match=re.escape("GPTConfig.dropout")) as bad_model:
+        planner.make_plan(PlanSettings(flops=1e15, gpu="a100", model=ModelSettings(dropout=1.5)), 8192)
+    assert bad_model.value.key == "model"
 
 
 def _fake_tokens(root: Path, train_tokens: int = 3_000_000) -> None:
@@ -159,7 +174,7 @@ def _fake_tokens(root: Path, train_tokens: int = 3_000_000) -> None:
 
 
 def test_stage_writes_a_deterministic_plan_and_reports(tmp_path: Path) -> None:
-    budget = PlanParams(flops=1e15, gpu="a100", model=ModelParams(mlp="gelu"))
+    budget = PlanParams(flops=1e15, gpu="a100", model=ModelSettings(mlp="gelu"))
     with pytest.raises(FileNotFoundError, match="tokenize"):
         run(budget, tmp_path)
     _fake_tokens(tmp_path)

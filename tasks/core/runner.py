@@ -18,7 +18,7 @@ from tasks.core import tracking
 from tasks.core.io import read_json, write_json
 from tasks.core.layout import METRICS_DIR, PARAMS_FILE
 from tasks.core.params import ParamsError, load_section, parse_section
-from tasks.core.stages import STAGES
+from tasks.core.stages import INPUT_ERROR_EXIT, STAGES
 
 
 def is_main_process() -> bool:
@@ -50,7 +50,7 @@ def run_stage(name: str, root: Path, track: bool = True) -> dict[str, Any]:
 def launch_torchrun(name: str, root: Path, nproc: int) -> dict[str, Any]:
     """Run `llmpipe stage <name>` in `nproc` processes on this node (torchrun's launcher, standalone
     rendezvous) and return what rank 0 wrote; rank 0 also logs the MLflow run. A rank that rejected its
-    input (exit 3) fails the launch with ValueError, so callers report an input error, not a crash.
+    input (INPUT_ERROR_EXIT) fails the launch with ValueError: callers report an input error, not a crash.
     Across nodes, start torchrun yourself."""
     import sys
 
@@ -66,7 +66,7 @@ def launch_torchrun(name: str, root: Path, nproc: int) -> dict[str, Any]:
         elastic_launch(config, entrypoint=sys.executable)("-m", "flows.cli", "stage", name)
     except ChildFailedError as err:
         codes = sorted({failure.exitcode for failure in err.failures.values()})
-        if 3 in codes:
+        if INPUT_ERROR_EXIT in codes:
             raise ValueError(f"stage {name}: a rank rejected its input or params (see its output)") from None
         raise RuntimeError(f"stage {name} under torchrun failed (rank exit codes {codes})") from None
     return read_json(root / METRICS_DIR / f"{name}.json")

@@ -37,6 +37,10 @@ class Stage:
         return importlib.import_module(self.module).run  # type: ignore[no-any-return]
 
 
+#: `llmpipe stage` exits with this code when the stage rejected its input or params: the Prefect flow does
+#: not retry it (retrying cannot help) and a torchrun launch reports it as an input error.
+INPUT_ERROR_EXIT = 3
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
