@@ -34,7 +34,8 @@ from model.config import GPTConfig  # noqa: E402
 from model.data import BatchCursor, TokenShards  # noqa: E402
 from model.flops import ACCELERATORS, accelerator_for, measure_cpu_flops, train_flops_per_token  # noqa: E402
 from model.gpt import GPT  # noqa: E402
-from model.train import Callbacks, TrainConfig, autocast, setup_runtime, train  # noqa: E402
+from model.runtime import autocast, setup_runtime  # noqa: E402
+from model.train import Callbacks, TrainConfig, train  # noqa: E402
 
 console = Console(width=140)
 
@@ -152,6 +153,7 @@ def main() -> int:
             cfg = TrainConfig(
                 steps=args.steps,
                 batch_size=batch,
+                warmup_steps=0,  # the plain loop has no schedule either
                 eval_every=args.steps,
                 checkpoint_every=args.steps,
                 device=str(device),

@@ -44,14 +44,14 @@ def render(messages: Sequence[dict[str, str]], add_generation_prompt: bool = Fal
 def special_ids(tokenizer: Any) -> dict[str, int]:
     """Ids of <|bos|>, <|eos|> and the role tokens; a clear error when the tokenizer lacks one."""
     names = ["bos", "eos", *ROLES]
-    ids = {name: tokenizer.token_to_id(f"<|{name}|>") for name in names}
+    ids: dict[str, int] = {name: tokenizer.token_to_id(f"<|{name}|>") for name in names}
     missing = [f"<|{name}|>" for name, value in ids.items() if value is None]
     if missing:
         raise ValueError(
             f"the tokenizer has no {', '.join(missing)}: add them to params.yaml tokenizer.special_tokens "
             "(the chat template needs them) and rerun the tokenizer stage"
         )
-    return ids  # type: ignore[return-value]
+    return ids
 
 
 def encode(

@@ -1,8 +1,9 @@
 """LoRA on llmpipe's GPT through peft, saved in the adapter format transformers + peft users load.
 
-    add_lora(model, LoraSettings(r=8, alpha=16, targets=("q_proj", "v_proj")))  # only A, B train
+    settings = LoraSettings(r=8, alpha=16, targets=("q_proj", "v_proj"))
+    add_lora(model, settings)  # only A, B train
     ...train...
-    save_adapter(model, "models/lora", base_model="models/base/hf")
+    save_adapter(model, settings, "models/lora", base_model="models/base/hf")
     # elsewhere, with no llmpipe code:
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("models/base/hf"), "models/lora")
 
@@ -43,17 +44,41 @@ _GPT2_NAMES = {"o_proj": "attn.c_proj", "up_proj": "mlp.c_fc", "down_proj": "mlp
 
 @dataclass(frozen=True)
 class LoraSettings:
+    """An adapter's shape: each setting's default and check, once (the finetune stage's params derive
+    from it). The numbers are checked when built, the targets against the model by `validate_for`."""
+
     r: int = 8  # rank of the update B·A
     alpha: float = 16.0  # the update is scaled by alpha / r
-    dropout: float = 0.0  # dropout on the adapter's input
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    dropout: float = 0.05  # dropout on the adapter's input
+    targets: tuple[str, ...] | None = None  # None: every linear layer the model has (`available`)
 
-    def check_numbers(self) -> None:
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA needs r ≥ 1, alpha > 0 and 0 ≤ dropout < 1; got {self}")
 
-    def validate(self, config: GPTConfig) -> None:
-        self.check_numbers()
+    def for_model(self, config: GPTConfig) -> ResolvedLora:
+        """These settings for one model: `targets` spelled out (None: all it has) and checked against it."""
+        resolved = ResolvedLora(
+            self.r,
+            self.alpha,
+            self.dropout,
+            available(config) if self.targets is None else tuple(self.targets),
+        )
+        resolved.validate_for(config)
+        return resolved
+
+
+@dataclass(frozen=True)
+class ResolvedLora(LoraSettings):
+    """LoraSettings whose targets are spelled out and known to exist in the model (`for_model`)."""
+
+    targets: tuple[str, ...] = ()
+
+    def validate_for(self, config: GPTConfig) -> None:
+        """The targets, against the model they adapt: each one a layer it has, named once."""
         if not self.targets:
             raise ValueError("LoRA targets is empty: name at least one of " + ", ".join(available(config)))
         unknown = [name for name in self.targets if name not in available(config)]
@@ -91,21 +116,23 @@ def _shape(config: GPTConfig, target: str) -> tuple[int, int]:
 
 def lora_param_count(config: GPTConfig, settings: LoraSettings) -> int:
     """Trainable parameters in closed form: n_layer · Σ over targets of r · (d_in + d_out)."""
-    return config.n_layer * sum(settings.r * sum(_shape(config, t)) for t in settings.targets)
+    lora = settings.for_model(config)
+    return config.n_layer * sum(lora.r * sum(_shape(config, t)) for t in lora.targets)
 
 
 def add_lora(model: GPT, settings: LoraSettings) -> GPT:
     """Wrap the targeted linear layers of every block with a LoRA adapter (in place); freeze the rest."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    settings.validate(model.config)
+    lora = settings.for_model(model.config)
     peft_config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=[module_name(t) for t in settings.targets],
+        r=lora.r,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; any scale works
+        lora_dropout=lora.dropout,
+        target_modules=[module_name(t) for t in lora.targets],
     )
-    return inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)
+    inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER)  # in place: returns `model`
+    return model
 
 
 def lora_layers(model: torch.nn.Module) -> list[Any]:
@@ -148,7 +175,7 @@ def _export_layout(config: GPTConfig) -> str:
         return "llmpipe"
 
 
-def _gpt2_pairs(settings: LoraSettings, layer: int) -> list[tuple[str, str]]:
+def _gpt2_pairs(settings: ResolvedLora, layer: int) -> list[tuple[str, str]]:
     """(llmpipe name, export name) of the unfused GPT-2 adapter matrices of one layer."""
     ours, theirs = f"blocks.{layer}", f"base_model.model.transformer.h.{layer}"
     return [
@@ -160,7 +187,7 @@ def _gpt2_pairs(settings: LoraSettings, layer: int) -> list[tuple[str, str]]:
 
 
 def _to_export(
-    tensors: dict[str, torch.Tensor], settings: LoraSettings, layout: str
+    tensors: dict[str, torch.Tensor], settings: ResolvedLora, layout: str
 ) -> dict[str, torch.Tensor]:
     """llmpipe adapter names → the names peft expects on the exported model (with PeftModel's prefix)."""
     if layout == "llmpipe":
@@ -191,7 +218,7 @@ def _to_export(
 
 
 def _from_export(
-    tensors: dict[str, torch.Tensor], settings: LoraSettings, layout: str
+    tensors: dict[str, torch.Tensor], settings: ResolvedLora, layout: str
 ) -> dict[str, torch.Tensor]:
     """The inverse of `_to_export`."""
     if layout == "llmpipe":
@@ -218,7 +245,7 @@ def _from_export(
     return out
 
 
-def _peft_config(settings: LoraSettings, layout: str, base_model: str | None) -> dict[str, object]:
+def _peft_config(settings: ResolvedLora, layout: str, base_model: str | None) -> dict[str, object]:
     """adapter_config.json as `LoraConfig.save_pretrained` writes it, for the exported model's names."""
     from peft import LoraConfig
 
@@ -237,7 +264,7 @@ def _peft_config(settings: LoraSettings, layout: str, base_model: str | None) ->
         targets = list(settings.targets)
     config = LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; any scale works
         lora_dropout=settings.dropout,
         target_modules=sorted(targets),
         rank_pattern=rank_pattern,
@@ -256,6 +283,7 @@ def save_adapter(model: GPT, settings: LoraSettings, directory: Path, base_model
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     layout = _export_layout(model.config)
+    settings = settings.for_model(model.config)
     config = _peft_config(settings, layout, base_model)
     config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
     (directory / ADAPTER_CONFIG).write_text(
@@ -276,9 +304,9 @@ def _llmpipe_metadata(directory: Path) -> dict[str, str]:
     return metadata
 
 
-def read_settings(directory: Path) -> LoraSettings:
+def read_settings(directory: Path) -> ResolvedLora:
     config = json.loads((Path(directory) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    return LoraSettings(
+    return ResolvedLora(
         r=config["r"],
         alpha=config["lora_alpha"],
         dropout=config["lora_dropout"],

@@ -82,8 +82,8 @@ def load_generator(
 ) -> Generator:
     """models/base (or a training checkpoint) plus an optional LoRA adapter (models/lora). The tokenizer
     comes from `tokenizer`, else from the first of checkpoint and adapter that holds tokenizer.json."""
+    from model.checkpoint import load_checkpoint
     from model.lora import load_adapter
-    from model.train import load_checkpoint
 
     model = load_checkpoint(Path(checkpoint))
     if adapter is not None:

@@ -18,7 +18,7 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,7 @@ from tasks.core.layout import NORMALIZED_DIR, PLOTS_DIR, QUARANTINE_DIR, RAW_DIR
 from tasks.core.parallel import ordered_map
 from tasks.core.params import ParamsError, StageParams
 from tasks.data import gopher
-from tasks.data.cleanup import normalize_text, repair_encoding
+from tasks.data.cleanup import UnicodeForm, normalize_text, repair_encoding
 from tasks.data.words import SCRIPTS, detect_script
 
 #: data/normalized: the document schema plus the script later stages (dedup shingling) key on.
@@ -71,7 +71,7 @@ _DUP_NGRAMS = (5, 6, 7, 8, 9, 10)
 class NormalizeParams(StageParams):
     """params.yaml `normalize:`. For every filter threshold, null (or 0) disables that check."""
 
-    unicode_form: Literal["NFKC", "NFC", "NFKD", "NFD", "none"] = "NFKC"
+    unicode_form: UnicodeForm = "NFKC"
     fix_encoding: bool = True  # repair mojibake (UTF-8 read as Latin-1/cp1252, ...) with ftfy
     min_chars: int | None = 100  # documents shorter than this (after normalization) are dropped
     max_chars: int | None = 1_000_000  # ... and longer than this
@@ -106,8 +106,8 @@ class NormalizeParams(StageParams):
         def fail(key: str, message: str) -> None:
             raise ParamsError(f"params.yaml: normalize.{key}: {message}")
 
-        if self.unicode_form not in ("NFKC", "NFC", "NFKD", "NFD", "none"):
-            fail("unicode_form", f"{self.unicode_form!r} is not one of NFKC, NFC, NFKD, NFD, none")
+        if self.unicode_form not in get_args(UnicodeForm):
+            fail("unicode_form", f"{self.unicode_form!r} is not one of {', '.join(get_args(UnicodeForm))}")
         if not isinstance(self.fix_encoding, bool):
             fail("fix_encoding", f"expected true/false, got {self.fix_encoding!r}")
         for f in fields(self):

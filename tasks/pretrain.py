@@ -18,27 +18,23 @@
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import math
 import os
-import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from model.checkpoint import load_checkpoint
 from model.config import GPTConfig
 from model.data import TokenShards
-from model.flops import ACCELERATORS, accelerator_for, cpu_peak_flops
-from model.tokens import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, TOKENIZER_FILE, TOKENIZER_FILES, load_tokenizer
-from model.train import Callbacks, TrainConfig, TrainResult, load_checkpoint, train
+from model.tokens import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, TOKENIZER_FILE, load_tokenizer
+from model.train import LoopSettings, TrainConfig, TrainResult, train
 from tasks.core import tracking
 from tasks.core.io import atomic_dir, atomic_file, file_md5, read_json, write_json
 from tasks.core.layout import (
     BASE_DIR,
-    CPU_RATE_FILE,
     PLAN_FILE,
     PLOTS_DIR,
     REPORTS_DIR,
@@ -47,62 +43,23 @@ from tasks.core.layout import (
     state_dir,
 )
 from tasks.core.params import ParamsError, StageParams
+from tasks.core.training import StageCallbacks, copy_tokenizer, device_peak_flops, fingerprint, setting_errors
 
 REPORT_DIR = REPORTS_DIR / "pretrain"
 LOSS_PLOT = PLOTS_DIR / "pretrain_loss.csv"
 VAL_PLOT = PLOTS_DIR / "pretrain_val.csv"
 CHECKPOINTS = Path("checkpoints/pretrain")  # under .llmpipe/
-#: TrainConfig fields that do not change the trained weights (left out of the fingerprint).
-OBSERVATION_ONLY = (
-    "eval_every",
-    "eval_batches",
-    "sample_every",
-    "sample_tokens",
-    "checkpoint_every",
-    "compile",
-)
 
 
-@dataclass
-class LoopParams(StageParams):
-    """The training-loop settings of every training stage (pretrain, finetune): TrainConfig's fields."""
+@dataclass(kw_only=True)
+class PretrainParams(StageParams, LoopSettings):
+    """params.yaml `pretrain`: the loop's settings (types, defaults and checks in model/train.py's
+    LoopSettings) and the stage's own below. StageParams comes first so that building one runs `validate`,
+    which names the params.yaml key."""
 
-    micro_batch_size: int | None = None  # per forward pass; smaller = less memory, same result
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 20
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 20
-    sample_every: int = 0
-    sample_tokens: int = 48
-    sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO.", "In the beginning"])
-    checkpoint_every: int = 100
-    seed: int = 1337
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
-
-    def loop_config(self, steps: int, batch_size: int, **overrides: Any) -> TrainConfig:
-        """TrainConfig from these fields (and `overrides`); warmup is cut to fit a short run."""
-        same = {
-            f.name: getattr(self, f.name)
-            for f in fields(TrainConfig)
-            if f.name not in ("steps", "batch_size")
-        }
-        same["warmup_steps"] = min(self.warmup_steps, steps - 1)  # a short run still gets its last steps
-        return TrainConfig(steps=steps, batch_size=batch_size, **same | overrides)
-
-
-@dataclass
-class PretrainParams(LoopParams):
     steps: int | None = None  # optimizer steps; null: the plan's
     batch_size: int | None = None  # sequences per step; null: the plan's
+    sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO.", "In the beginning"])
     log_model: bool = True  # copy models/base/ into the MLflow run's artifacts
     nproc: int = 1  # processes (GPUs) on this node: > 1 relaunches the stage under torchrun (DDP)
 
@@ -110,47 +67,22 @@ class PretrainParams(LoopParams):
         """The loop's config: the plan's steps and batch size unless set here, every other field as set."""
         steps = self.steps if self.steps is not None else plan["training"]["steps"]
         batch_size = self.batch_size if self.batch_size is not None else plan["training"]["batch_size"]
-        return self.loop_config(steps, batch_size)
+        return self.for_run(steps, batch_size)
 
     def validate(self) -> None:
-        for key in ("steps", "batch_size", "micro_batch_size"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ParamsError(f"params.yaml: pretrain.{key} must be ≥ 1 or null, got {value}")
         if self.nproc < 1:
             raise ParamsError(f"params.yaml: pretrain.nproc must be ≥ 1, got {self.nproc}")
-        placeholder = {"training": {"steps": max(2, self.warmup_steps + 1), "batch_size": 1}}
-        try:
-            self.train_config(placeholder).validate()
-        except ValueError as err:
-            raise ParamsError(f"params.yaml: pretrain.{err}") from None
+        with setting_errors("pretrain"):  # steps or batch_size null: any plan's will do
+            self.train_config({"training": {"steps": 1, "batch_size": 1}}).validate()
 
 
-def weight_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The loop settings that change the trained weights (a checkpoint's fingerprint hashes these)."""
-    return {key: value for key, value in asdict(cfg).items() if key not in OBSERVATION_ONLY}
-
-
-def fingerprint(config: GPTConfig, cfg: TrainConfig, root: Path) -> str:
-    """Hash of what determines the trained weights: model and loop config, data and tokenizer md5s."""
-    loop = weight_settings(cfg)
+def _fingerprint(config: GPTConfig, cfg: TrainConfig, root: Path) -> str:
+    """What determines the trained weights: the model and loop config, the data and tokenizer md5s."""
     data = {
         "meta": file_md5(root / TOKENS_DIR / "meta.json"),
         "tokenizer": file_md5(root / TOKENIZER_DIR / TOKENIZER_FILE),
     }
-    blob = json.dumps({"model": asdict(config), "loop": loop, "data": data}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def device_peak_flops(device: str, root: Path) -> float | None:
-    """Peak FLOP/s of the training device for MFU: the table for known GPUs, measured for the CPU."""
-    import torch
-
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        ranks = int(os.environ.get("WORLD_SIZE", "1"))  # CPU ranks share the machine
-        return cpu_peak_flops(state_dir(root) / CPU_RATE_FILE) / ranks
-    key = accelerator_for(torch.cuda.get_device_name(torch.device(device if device != "auto" else "cuda")))
-    return ACCELERATORS[key].peak_flops if key else None  # an unknown GPU: no MFU rather than a wrong one
+    return fingerprint(cfg, model=asdict(config), data=data)
 
 
 def unigram_loss(train_data: TokenShards, val_data: TokenShards) -> float:
@@ -165,33 +97,6 @@ def unigram_loss(train_data: TokenShards, val_data: TokenShards) -> float:
         total -= float(log_probs[ids].sum())
         n += len(ids)
     return total / max(n, 1)
-
-
-class StageCallbacks(Callbacks):
-    """Stream metrics to MLflow (batched) and keep the curves and samples for the reports. `prefix` names
-    the curves of one of several trainings in a run (`lora/train/loss`)."""
-
-    def __init__(self, decode: Any, prefix: str = "") -> None:
-        self.stream = tracking.MetricStream()
-        self.decode, self.prefix = decode, prefix
-        self.val: list[tuple[int, float]] = []
-        self.samples: list[tuple[int, list[str]]] = []
-
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.stream.add(step, {f"{self.prefix}train/{key}": value for key, value in metrics.items()})
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.val.append((step, metrics["val_loss"]))
-        self.stream.add(
-            step,
-            {
-                f"{self.prefix}val/loss": metrics["val_loss"],
-                f"{self.prefix}val/perplexity": metrics["val_perplexity"],
-            },
-        )
-
-    def on_sample(self, step: int, samples: list[list[int]]) -> None:
-        self.samples.append((step, [self.decode(ids) for ids in samples]))
 
 
 def _write_reports(
@@ -221,12 +126,7 @@ def _write_reports(
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "loss.png", dpi=100)
-        lines = ["# Samples", ""]
-        for step, texts in callbacks.samples:
-            lines += [f"## step {step}", ""]
-            lines += [f"- **{prompt!r}** → {text!r}" for prompt, text in zip(prompts, texts, strict=True)]
-            lines.append("")
-        (out / "samples.md").write_text("\n".join(lines), encoding="utf-8")
+        (out / "samples.md").write_text(callbacks.samples_markdown("Samples", prompts), encoding="utf-8")
 
 
 def run(params: PretrainParams, root: Path) -> dict[str, int | float]:
@@ -255,7 +155,7 @@ def run(params: PretrainParams, root: Path) -> dict[str, int | float]:
     callbacks = StageCallbacks(lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
     result = train(
         model, train_data, val_data if len(val_data) > config.block_size else None, cfg,
-        checkpoints=state_dir(root) / CHECKPOINTS, fingerprint=fingerprint(config, cfg, root),
+        checkpoints=state_dir(root) / CHECKPOINTS, fingerprint=_fingerprint(config, cfg, root),
         callbacks=callbacks, peak_flops=device_peak_flops(cfg.device, root), sample_prompts=prompts,
         eos_id=train_data.eos_id,
     )  # fmt: skip
@@ -307,13 +207,6 @@ def _save_base(root: Path, model: Any) -> None:
         except ValueError:
             return  # no transformers twin for this architecture: models/base/ is llmpipe-only
         _write_hf(model, root / TOKENIZER_DIR, out / "hf")
-
-
-def copy_tokenizer(source: Path, destination: Path) -> None:
-    """The tokenizer files present in `source` (tokenizer.json and the transformers configs)."""
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, destination / name)
 
 
 def _write_hf(model: Any, tokenizer_dir: Path, out: Path) -> None:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import BuiltProject, run_cli
 
+from model.checkpoint import load_checkpoint
 from model.lora import load_adapter, lora_param_count, read_settings
-from model.train import load_checkpoint
 from tasks.core.compare import compare_runs
 from tasks.core.params import ParamsError, parse_section, set_overrides
 from tasks.finetune import BASE_RUN_TAG, FinetuneParams
@@ -197,3 +197,7 @@ def test_bad_finetune_params_name_the_key() -> None:
         parse_section(FinetuneParams, "finetune", {"lora": {"r": "eight"}})
     with pytest.raises(ParamsError, match=r"finetune\.task"):
         parse_section(FinetuneParams, "finetune", {"task": "rlhf"})
+    with pytest.raises(ParamsError, match=r"finetune\.warmup_steps"):
+        parse_section(FinetuneParams, "finetune", {"warmup_steps": -1})
+    with pytest.raises(ParamsError, match=r"finetune\.lora: LoRA needs r ≥ 1"):
+        parse_section(FinetuneParams, "finetune", {"lora": {"dropout": 1.0}})

@@ -15,6 +15,7 @@ from test_hf import LAYOUTS, random_model
 from test_train import KillAt, write_tokens
 
 from model import chat
+from model.checkpoint import latest_checkpoint
 from model.config import GPTConfig
 from model.data import BatchCursor, ExampleBatches, MixedBatches, TokenShards
 from model.gpt import GPT
@@ -31,7 +32,7 @@ from model.lora import (
     unmerge,
 )
 from model.lora import save_adapter as save
-from model.train import TrainConfig, latest_checkpoint, train
+from model.train import TrainConfig, train
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -54,7 +55,7 @@ def test_a_fresh_adapter_changes_nothing_and_merging_is_exact() -> None:
     with torch.no_grad():
         base_logits = model(idx)[0]
     base_weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    add_lora(model, LoraSettings(r=4, alpha=8, targets=ALL)).eval()
+    add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, targets=ALL)).eval()
     with torch.no_grad():
         assert torch.equal(model(idx)[0], base_logits)  # B = 0: exactly the base model
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -84,7 +85,7 @@ def test_a_fresh_adapter_changes_nothing_and_merging_is_exact() -> None:
     ],
 )
 def test_trainable_parameters_match_the_closed_form(config: GPTConfig, targets: tuple[str, ...]) -> None:
-    settings = LoraSettings(r=3, targets=targets)
+    settings = LoraSettings(r=3, dropout=0.0, targets=targets)
     model = add_lora(random_model(config), settings)
     counted = sum(p.numel() for p in model.parameters() if p.requires_grad)
     d, hd = config.n_embd, config.head_dim
@@ -112,7 +113,7 @@ def test_the_saved_adapter_loads_in_peft_on_the_hf_export_with_the_same_logits(
     model = random_model(config)
     save_hf(model, tmp_path / "base")
     targets = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # a subset: GPT-2's fused c_attn
-    settings = LoraSettings(r=4, alpha=8, targets=targets)
+    settings = LoraSettings(r=4, alpha=8, dropout=0.0, targets=targets)
     add_lora(model, settings).eval()
     randomise_adapters(model)
     save(model, settings, tmp_path / "lora", base_model=str(tmp_path / "base"))
@@ -140,9 +141,9 @@ def test_the_saved_adapter_loads_in_peft_on_the_hf_export_with_the_same_logits(
 
 def test_an_architecture_without_a_transformers_twin_saves_llmpipe_names(tmp_path: Path) -> None:
     config = dataclasses.replace(LAYOUTS["llama"], pos_encoding="sinusoidal")
-    model = add_lora(random_model(config), LoraSettings(r=2, targets=("q_proj",))).eval()
+    model = add_lora(random_model(config), LoraSettings(r=2, dropout=0.0, targets=("q_proj",))).eval()
     randomise_adapters(model)
-    save(model, LoraSettings(r=2, targets=("q_proj",)), tmp_path)
+    save(model, LoraSettings(r=2, dropout=0.0, targets=("q_proj",)), tmp_path)
     saved = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     assert saved["target_modules"] == ["attn.q_proj"] and saved["peft_type"] == "LORA"
     idx = torch.randint(0, 101, (1, 8))
@@ -196,7 +197,9 @@ def test_a_killed_lora_run_resumes_from_a_checkpoint_of_the_adapter_only(tmp_pat
     tokens = write_tokens(tmp_path / "tokens")
     config = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=16)
     settings = LoraSettings(r=2, dropout=0.1, targets=("q_proj", "v_proj", "up_proj"))
-    cfg = TrainConfig(steps=6, batch_size=4, lr=1e-2, checkpoint_every=2, eval_every=6, eval_batches=1)
+    cfg = TrainConfig(
+        steps=6, batch_size=4, warmup_steps=0, lr=1e-2, checkpoint_every=2, eval_every=6, eval_batches=1
+    )
 
     def run(checkpoints: Path, **kwargs: object):
         torch.manual_seed(0)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import BuiltProject, run_cli
 
-from model.train import load_checkpoint
+from model.checkpoint import load_checkpoint
 from tasks.core.params import ParamsError, parse_section, set_overrides
 from tasks.pretrain import PretrainParams
 
@@ -114,5 +114,7 @@ def test_bad_pretrain_params_name_the_key() -> None:
         parse_section(PretrainParams, "pretrain", {"steps": 5, "warmup_steps": -1})
     with pytest.raises(ParamsError, match=r"pretrain\.batch_size"):
         parse_section(PretrainParams, "pretrain", {"batch_size": 0})
-    with pytest.raises(ParamsError, match=r"pretrain\.model\.norm"):
+    with pytest.raises(ParamsError, match=r"pretrain\.model moved to plan\.model"):
         parse_section(PretrainParams, "pretrain", {"model": {"norm": "batchnorm"}})
+    with pytest.raises(ParamsError, match=r"pretrain\.schedule"):  # a loop setting, typed in model/train.py
+        parse_section(PretrainParams, "pretrain", {"schedule": "linear"})

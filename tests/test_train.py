@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from model.checkpoint import latest_checkpoint
 from model.config import GPTConfig
 from model.data import TokenShards
 from model.flops import accelerator_for
@@ -22,7 +23,6 @@ from model.train import (
     Callbacks,
     TrainConfig,
     TrainingDiverged,
-    latest_checkpoint,
     lr_at,
     make_optimizer,
     train,
@@ -78,7 +78,9 @@ def test_schedule_boundaries_are_exact() -> None:
 
 
 def test_accumulated_micro_batches_match_one_full_batch(tokens: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=3, batch_size=8, eval_every=3, eval_batches=1, checkpoint_every=3, seed=1)
+    cfg = TrainConfig(
+        steps=3, batch_size=8, warmup_steps=0, eval_every=3, eval_batches=1, checkpoint_every=3, seed=1
+    )
     no_dropout = dataclasses.replace(CONFIG, dropout=0.0)
     full, _ = run(tokens, tmp_path / "a", cfg, config=no_dropout)
     accumulated, _ = run(
@@ -111,7 +113,7 @@ def test_a_killed_run_resumes_to_bitwise_identical_weights(tokens: Path, tmp_pat
 
 
 def test_finished_or_foreign_checkpoints_start_fresh(tokens: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=3, batch_size=4, checkpoint_every=1, eval_every=3, eval_batches=1)
+    cfg = TrainConfig(steps=3, batch_size=4, warmup_steps=0, checkpoint_every=1, eval_every=3, eval_batches=1)
     run(tokens, tmp_path / "ck", cfg)
     _, again = run(tokens, tmp_path / "ck", cfg)  # finished: a rerun is a deliberate fresh start
     assert again.resumed_from == 0  # type: ignore[attr-defined]
@@ -134,7 +136,9 @@ def test_training_learns_and_reports(tokens: Path, tmp_path: Path) -> None:
         def on_sample(self, step: int, samples: list[list[int]]) -> None:
             seen["sample"].append(samples)
 
-    cfg = TrainConfig(steps=60, batch_size=16, lr=1e-2, eval_every=20, eval_batches=4, checkpoint_every=60)
+    cfg = TrainConfig(
+        steps=60, batch_size=16, warmup_steps=0, lr=1e-2, eval_every=20, eval_batches=4, checkpoint_every=60
+    )
     _, result = run(
         tokens, tmp_path / "ck", cfg, callbacks=Record(), peak_flops=1e11, sample_prompts=[[0, 3]]
     )
@@ -146,7 +150,9 @@ def test_training_learns_and_reports(tokens: Path, tmp_path: Path) -> None:
 
 
 def test_divergence_stops_with_a_clear_error(tokens: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=20, batch_size=4, lr=1e9, grad_clip=0.0, eval_every=20, checkpoint_every=20)
+    cfg = TrainConfig(
+        steps=20, batch_size=4, warmup_steps=0, lr=1e9, grad_clip=0.0, eval_every=20, checkpoint_every=20
+    )
     with pytest.raises(TrainingDiverged, match=r"Lower pretrain\.lr"):
         run(tokens, tmp_path / "ck", cfg, config=dataclasses.replace(CONFIG, norm="layernorm"))
 
@@ -157,16 +163,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: Two ranks × two micro-batches of 2: the global batch of 8 split four ways.
+DDP_CFG = TrainConfig(
+    steps=4,
+    batch_size=8,
+    warmup_steps=0,
+    micro_batch_size=2,
+    eval_every=4,
+    eval_batches=1,
+    checkpoint_every=4,
+)
+
+
 def _ddp_worker(rank: int, world: int, port: int, tokens: str, out: str) -> None:
     os.environ.update(
         {"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     )
     torch.set_num_threads(1)
-    cfg = TrainConfig(
-        steps=4, batch_size=8, micro_batch_size=2, eval_every=4, eval_batches=1, checkpoint_every=4
-    )
     model = fresh_model(dataclasses.replace(CONFIG, dropout=0.0))
-    result = train(model, TokenShards(tokens, "train"), None, cfg, Path(out) / "ck", "fp", progress=False)
+    result = train(model, TokenShards(tokens, "train"), None, DDP_CFG, Path(out) / "ck", "fp", progress=False)
     if rank == 0:
         torch.save(
             {"losses": [h["loss"] for h in result.history], "state": model.state_dict()}, Path(out) / "r.pt"
@@ -177,10 +192,7 @@ def _ddp_worker(rank: int, world: int, port: int, tokens: str, out: str) -> None
 def test_two_process_gloo_ddp_matches_one_process(tokens: Path, tmp_path: Path) -> None:
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tokens), str(tmp_path / "ddp")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp" / "r.pt", weights_only=True)
-    cfg = TrainConfig(
-        steps=4, batch_size=8, micro_batch_size=2, eval_every=4, eval_batches=1, checkpoint_every=4
-    )
-    single, result = run(tokens, tmp_path / "one", cfg, config=dataclasses.replace(CONFIG, dropout=0.0))
+    single, result = run(tokens, tmp_path / "one", DDP_CFG, config=dataclasses.replace(CONFIG, dropout=0.0))
     np.testing.assert_allclose(ddp["losses"], [h["loss"] for h in result.history], rtol=1e-5)  # type: ignore[attr-defined]
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(ddp["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
@@ -208,7 +220,13 @@ def test_cuda_code_paths_run_on_cpu(tokens: Path, tmp_path: Path) -> None:
     model = fresh_model(dataclasses.replace(CONFIG, dropout=0.0))
     assert make_optimizer(model, TrainConfig(steps=1, batch_size=1), torch.device("cuda")).defaults["fused"]
     cfg = TrainConfig(
-        steps=3, batch_size=4, precision="bf16", eval_every=3, eval_batches=1, checkpoint_every=3
+        steps=3,
+        batch_size=4,
+        warmup_steps=0,
+        precision="bf16",
+        eval_every=3,
+        eval_batches=1,
+        checkpoint_every=3,
     )
     trained, result = run(tokens, tmp_path / "ck", cfg)
     assert math.isfinite(result.train_loss)  # type: ignore[attr-defined]

@@ -34,7 +34,7 @@ class Stage:
 
     @property
     def run(self) -> Callable[[Any, Path], dict[str, Any]]:
-        return importlib.import_module(self.module).run  # type: ignore[no-any-return]
+        return importlib.import_module(self.module).run
 
 
 #: `llmpipe stage` exits with this code when the stage rejected its input or params: the Prefect flow does

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Literal
 
 import ftfy
 
@@ -56,7 +57,11 @@ def repair_encoding(text: str) -> str:
     return ftfy.fix_text(text, _FTFY_CONFIG)
 
 
-def normalize_text(text: str, unicode_form: str = "NFKC", fix_encoding: bool = True) -> str:
+#: Unicode normalization forms (NFKC also folds compatibility characters: ligatures, full-width forms).
+UnicodeForm = Literal["NFKC", "NFC", "NFKD", "NFD", "none"]
+
+
+def normalize_text(text: str, unicode_form: UnicodeForm = "NFKC", fix_encoding: bool = True) -> str:
     """The cleaned text (steps 1-4 of the module docstring); may be empty."""
     if fix_encoding:
         text = repair_encoding(text)

@@ -56,13 +56,13 @@ def detect_format(path: Path) -> tuple[str | None, str | None, str]:
 def open_binary(path: Path, compression: str | None) -> IO[bytes]:
     """The file's decompressed bytes, streamed; the caller closes the handle."""
     if compression == "gz":
-        return gzip.open(path, "rb")
+        return gzip.open(path, "rb")  # type: ignore[return-value]
     if compression == "bz2":
         return bz2.open(path, "rb")
     if compression == "zst":
         handle = open(path, "rb")  # noqa: SIM115 - closed by the reader (closefd)
         reader = zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader)  # type: ignore[arg-type]
+        return io.BufferedReader(reader)
     return open(path, "rb")  # the caller closes it
 
 

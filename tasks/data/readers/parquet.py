@@ -21,8 +21,8 @@ def read_parquet(f: SourceFile) -> Iterator[Doc | Bad]:
     with contextlib.ExitStack() as stack:
         if f.compression:  # Parquet needs random access: decompress to a temporary file (streamed)
             handle: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())
-            with open_binary(f.path, f.compression) as source:
-                shutil.copyfileobj(source, handle, 1 << 20)
+            with open_binary(f.path, f.compression) as compressed:
+                shutil.copyfileobj(compressed, handle, 1 << 20)
             handle.seek(0)
         else:
             handle = stack.enter_context(open(f.path, "rb"))

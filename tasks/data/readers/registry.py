@@ -68,6 +68,7 @@ def _read(f: SourceFile) -> Iterator[Doc | Bad]:
         if not sample:
             yield Bad(f.rel, "empty_file: 0 bytes after decompression", f.head())
             return
+        encoding: str | None
         if f.options.encoding:
             encoding, problem = f.options.encoding, ""
         else:
