@@ -39,8 +39,8 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks import minhash  # noqa: E402
 from tasks.core.io import content_id  # noqa: E402
+from tasks.data import minhash  # noqa: E402
 from tasks.dedup import DedupParams, ShingleConfig, run, sign_batch  # noqa: E402
 from tasks.normalize import NORMALIZED_SCHEMA  # noqa: E402
 

@@ -12,16 +12,16 @@
    verified edge links it to a document already kept, and records that survivor and their Jaccard. So
    every removed document is within the threshold of the survivor it duplicates; a chain A~B~C with
    A≁C never removes C because of A. Clusters (connected components of verified edges) are reported.
-Decisions depend only on ids and texts, never on shard order or worker count.
+Decisions depend only on ids and texts, never on shard order or worker count. Steps 1, 3 and 5 live in
+tasks/data/dedup_decisions.py; the removed-documents schema, examples and plots in tasks/data/dedup_report.py.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,40 +32,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from tasks.core.io import (
-    ShardWriter,
-    atomic_dir,
-    atomic_file,
-    clean_stale_temps,
-    count_rows,
-    iter_batches,
-    shard_paths,
-)
+from tasks.core.io import ShardWriter, atomic_dir, clean_stale_temps, count_rows, iter_batches, shard_paths
 from tasks.core.layout import DEDUP_DIR, NORMALIZED_DIR, PLOTS_DIR, REPORTS_DIR, state_dir
 from tasks.core.parallel import ordered_map
 from tasks.core.params import ParamsError, StageParams
 from tasks.data import minhash
+from tasks.data.dedup_decisions import Decisions, add_exact, candidate_pairs, decide, exact_duplicates
+from tasks.data.dedup_report import REMOVED_SCHEMA, write_examples, write_plots
 
 REPORT_DIR = REPORTS_DIR / "dedup"
 JACCARD_PLOT = PLOTS_DIR / "dedup_jaccard.csv"
 SCURVE_PLOT = PLOTS_DIR / "dedup_scurve.csv"
-JACCARD_BINS = np.round(np.linspace(0.0, 1.0, 21), 2)
 
 #: The LSH band keys of pass 1, one folder per band: the on-disk replacement for an LSH index.
 BAND_SCHEMA = pa.schema([("doc", pa.int64()), ("bucket", pa.uint64())])
-
-#: One row per removed document: what it duplicates, how closely, and its text (nothing is lost).
-REMOVED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("kind", pa.string()),  # "exact" or "near"
-        ("survivor_id", pa.string()),
-        ("survivor_source", pa.string()),
-        ("jaccard", pa.float64()),
-        ("text", pa.large_string()),
-    ]
-)
 
 
 @dataclass
@@ -235,51 +215,7 @@ def _signature_pass(source_dir: Path, bands_dir: Path, params: DedupParams, conf
 
 
 # --------------------------------------------------------------------------------------------------
-# Exact duplicates, then LSH candidates band by band
-# --------------------------------------------------------------------------------------------------
-
-
-def _exact_duplicates(corpus: Corpus, rank: np.ndarray) -> dict[int, int]:
-    """{removed doc: its survivor} for documents whose hashing-normalized text is identical."""
-    best: dict[bytes, int] = {}
-    for doc, key in enumerate(corpus.exact_keys):
-        if key not in best or rank[doc] < rank[best[key]]:
-            best[key] = doc
-    return {doc: best[key] for doc, key in enumerate(corpus.exact_keys) if best[key] != doc}
-
-
-def _bucket_pairs(members: np.ndarray, max_bucket_size: int) -> Iterator[tuple[int, int]]:
-    """Pairs to check within one bucket (members sorted best-first): all pairs, or a star if huge."""
-    if len(members) <= max_bucket_size:
-        for i in range(len(members) - 1):
-            for j in range(i + 1, len(members)):
-                yield int(members[i]), int(members[j])
-    else:
-        for other in members[1:]:
-            yield int(members[0]), int(other)
-
-
-def _candidate_pairs(bands_dir: Path, alive: np.ndarray, rank: np.ndarray, params: DedupParams) -> np.ndarray:
-    """int64[n_pairs, 2] of (better, worse) documents sharing a bucket in at least one band."""
-    found: set[tuple[int, int]] = set()
-    for band_dir in sorted(bands_dir.iterdir()):
-        table = pq.read_table(band_dir)
-        docs = table.column("doc").to_numpy()
-        buckets = table.column("bucket").to_numpy()
-        keep = alive[docs]
-        docs, buckets = docs[keep], buckets[keep]
-        order = np.lexsort((rank[docs], buckets))  # by bucket, best member first
-        docs, buckets = docs[order], buckets[order]
-        boundaries = np.flatnonzero(np.diff(buckets)) + 1
-        starts = np.concatenate(([0], boundaries))
-        ends = np.concatenate((boundaries, [len(buckets)]))
-        for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-            found.update(_bucket_pairs(docs[start:end], params.max_bucket_size))
-    return np.array(sorted(found), dtype=np.int64).reshape(-1, 2)
-
-
-# --------------------------------------------------------------------------------------------------
-# Verification (pass 2 over the candidates' texts) and removal decisions
+# Verification: pass 2 over the candidates' texts
 # --------------------------------------------------------------------------------------------------
 
 
@@ -303,37 +239,6 @@ def _pair_similarities(
     hasher = minhash.minhasher(params.num_perm, params.seed)
     signatures = {doc: hasher.signature(values) for doc, values in shingles.items()}
     return np.array([np.mean(signatures[a] == signatures[b]) for a, b in pairs], dtype=np.float64)
-
-
-@dataclass
-class Decisions:
-    survivor: dict[int, int]  # removed doc → the kept doc it duplicates
-    jaccard: dict[int, float]  # removed doc → its Jaccard with that survivor
-    kind: dict[int, str]  # removed doc → "exact" | "near"
-    cluster_sizes: list[int]  # sizes of the connected components of verified edges (≥ 2)
-
-
-def _decide(edges: np.ndarray, similarity: np.ndarray, rank: np.ndarray) -> Decisions:
-    """Walk documents best-first; remove one if a verified edge links it to an already-kept document."""
-    neighbours: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for (a, b), value in zip(edges.tolist(), similarity.tolist(), strict=True):
-        neighbours[a].append((b, value))
-        neighbours[b].append((a, value))
-    decisions = Decisions({}, {}, {}, [])
-    for doc in sorted(neighbours, key=lambda d: rank[d]):
-        kept = [(value, -rank[other], other) for other, value in neighbours[doc] if rank[other] < rank[doc]]
-        kept = [entry for entry in kept if entry[2] not in decisions.survivor]
-        if kept:
-            value, _, other = max(kept)  # the closest kept document (ties: the better-ranked one)
-            decisions.survivor[doc], decisions.jaccard[doc], decisions.kind[doc] = other, value, "near"
-    union = minhash.UnionFind(len(rank))
-    for a, b in edges.tolist():
-        union.union(a, b)
-    roots: defaultdict[int, int] = defaultdict(int)
-    for doc in neighbours:
-        roots[union.find(doc)] += 1
-    decisions.cluster_sizes = sorted(roots.values(), reverse=True)
-    return decisions
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,58 +278,6 @@ def _write_outputs(
     return kept.rows_written
 
 
-def _write_plots(root: Path, similarity: np.ndarray, threshold: float, bands: int, rows: int) -> None:
-    """Verified-Jaccard histogram and the LSH S-curve: CSVs for `dvc plots`, PNGs for MLflow."""
-    from matplotlib.figure import Figure
-
-    verified, _ = np.histogram(similarity[similarity >= threshold], bins=JACCARD_BINS)
-    rejected, _ = np.histogram(similarity[similarity < threshold], bins=JACCARD_BINS)
-    with atomic_file(root / JACCARD_PLOT) as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["jaccard", "verified", "rejected"])
-        writer.writerows(zip(JACCARD_BINS[:-1].tolist(), verified.tolist(), rejected.tolist(), strict=True))
-    grid = np.round(np.linspace(0.0, 1.0, 101), 2)
-    curve = np.asarray(minhash.candidate_probability(grid, bands, rows))
-    with atomic_file(root / SCURVE_PLOT) as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["jaccard", "p_candidate"])
-        writer.writerows((j, f"{p:.6f}") for j, p in zip(grid.tolist(), curve.tolist(), strict=True))
-
-    figure = Figure(figsize=(11, 4))
-    left, right = figure.subplots(1, 2)
-    width = JACCARD_BINS[1] - JACCARD_BINS[0]
-    left.bar(
-        JACCARD_BINS[:-1], rejected, width=width, align="edge", label="rejected (< threshold)", color="#bbb"
-    )
-    left.bar(
-        JACCARD_BINS[:-1], verified, width=width, align="edge", bottom=rejected, label="verified duplicate"
-    )
-    left.axvline(threshold, color="k", linestyle="--", linewidth=1)
-    left.set(title="candidate pairs by Jaccard", xlabel="Jaccard of shingle sets", ylabel="pairs")
-    left.legend()
-    right.plot(grid, curve)
-    right.axvline(threshold, color="k", linestyle="--", linewidth=1)
-    right.set(
-        title=f"LSH S-curve, {bands} bands × {rows} rows",
-        xlabel="Jaccard",
-        ylabel="P(candidate)",
-        ylim=(0, 1.02),
-    )
-    figure.tight_layout()
-    (root / REPORT_DIR).mkdir(parents=True, exist_ok=True)
-    with atomic_file(root / REPORT_DIR / "jaccard_and_scurve.png", mode="wb") as handle:
-        figure.savefig(handle, format="png", dpi=100)
-
-
-def _write_examples(root: Path, limit: int = 200) -> None:
-    """A human-sized CSV of removed documents (the full list is reports/dedup/removed/)."""
-    table = pq.read_table(root / REPORT_DIR / "removed", columns=REMOVED_SCHEMA.names[:-1])
-    with atomic_file(root / REPORT_DIR / "removed_examples.csv") as handle:
-        writer = csv.DictWriter(handle, fieldnames=table.column_names, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(table.slice(0, limit).to_pylist())
-
-
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
@@ -453,31 +306,20 @@ def run(params: DedupParams, root: Path) -> dict[str, int | float]:
         corpus = _signature_pass(source_dir, scratch, params, config)
         signing = time.perf_counter() - signing
         rank = corpus.priority()
-        exact = _exact_duplicates(corpus, rank)
+        exact = exact_duplicates(corpus.exact_keys, rank)
         alive = corpus.has_shingles.copy()
         alive[list(exact)] = False
-        pairs = _candidate_pairs(scratch, alive, rank, params)
+        pairs = candidate_pairs(scratch, alive, rank, params.max_bucket_size)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     similarity = _pair_similarities(source_dir, pairs, params, config) if len(pairs) else np.zeros(0)
     verified = similarity >= params.threshold
-    decisions = _decide(pairs[verified], similarity[verified], rank)
-    for doc, survivor in exact.items():
-        # An exact copy has the same shingles as its exact survivor; if that one was removed as a near
-        # duplicate, point at the document it was kept in favour of (same Jaccard).
-        final, similarity_to_final = (
-            decisions.survivor.get(survivor, survivor),
-            decisions.jaccard.get(survivor, 1.0),
-        )
-        decisions.survivor[doc], decisions.jaccard[doc], decisions.kind[doc] = (
-            final,
-            similarity_to_final,
-            "exact",
-        )
+    decisions = decide(pairs[verified], similarity[verified], rank)
+    add_exact(decisions, exact)
 
     docs_out = _write_outputs(root, source_dir, corpus, decisions, params.batch_size)
-    _write_plots(root, similarity, params.threshold, params.bands, params.rows)
-    _write_examples(root)
+    write_plots(root / REPORT_DIR, root / JACCARD_PLOT, root / SCURVE_PLOT, similarity, params)
+    write_examples(root / REPORT_DIR)
 
     docs_in = len(corpus.ids)
     near = sum(1 for kind in decisions.kind.values() if kind == "near")

@@ -15,8 +15,9 @@ from model.tokens import EOS_TOKEN, load_tokenizer
 from tasks.core.io import content_id
 from tasks.core.layout import TOKENIZER_DIR, TOKENIZER_FILE
 from tasks.core.params import ParamsError
+from tasks.data.tokenizer_families import FAMILIES
 from tasks.normalize import NORMALIZED_SCHEMA as SCHEMA
-from tasks.tokenizer import FAMILIES, TokenizerParams, run
+from tasks.tokenizer import TokenizerParams, run
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "corpus" / "en" / "shakespeare"
