@@ -67,6 +67,7 @@ def test_greedy_is_token_identical_to_transformers(pair, penalty: float, eos: in
         assert generate(ours, prompt, config).ids == expected
 
 
+@pytest.mark.slow  # 48 cases against transformers generate (greedy parity stays in the fast lane)
 @pytest.mark.parametrize(
     "length_penalty, penalty, eos, early",
     list(itertools.product([0.0, 1.0, 2.0], [1.0, 1.3], [None, EOS], [False, True])),
@@ -206,6 +207,7 @@ def test_eos_ends_generation_and_bad_settings_are_refused(pair) -> None:
         generate(model, list(range(1, 40)), GenerationConfig())
 
 
+@pytest.mark.slow  # a subprocess CLI run
 def test_cli_streams_text_and_prints_the_token_table(tmp_path: Path, chat_tokenizer) -> None:
     """`llmpipe generate` on a models/base directory (a random model + a real tokenizer)."""
     write_tiny_base(tmp_path, chat_tokenizer[0])

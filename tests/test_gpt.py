@@ -107,6 +107,7 @@ def test_block_size_is_enforced() -> None:
         model(torch.zeros(1, 25, dtype=torch.long))
 
 
+@pytest.mark.slow  # trains three models to convergence on one batch
 @pytest.mark.parametrize("name", ["rope-rmsnorm-swiglu", "learned-layernorm-gelu-bias", "sinusoidal"])
 def test_initial_loss_is_uniform_and_a_single_batch_overfits(name: str) -> None:
     config = dataclasses.replace(VARIANTS[name], vocab_size=512)

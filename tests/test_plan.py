@@ -231,6 +231,7 @@ def test_cli_plan_prints_a_table_or_json(tmp_path: Path, monkeypatch: pytest.Mon
     assert "--gpu must be one of h100, h100-pcie, h200, a100, l40s, l4, rtx4090, cpu" in bad.output
 
 
+@pytest.mark.slow  # dvc + the built test project
 def test_plan_stage_in_the_pipeline_reads_the_token_split(
     built_project: BuiltProject, tmp_path: Path
 ) -> None:

@@ -37,6 +37,7 @@ def checkpoint_step(project: Path) -> int:
     return int(pointer.read_text().strip().removeprefix("step-")) if pointer.is_file() else 0
 
 
+@pytest.mark.slow  # dvc + a real (killed, resumed) training
 def test_pretrain_resumes_a_killed_run_through_dvc_and_exports(
     built_project: BuiltProject, tmp_path: Path
 ) -> None:
@@ -89,6 +90,7 @@ def test_pretrain_resumes_a_killed_run_through_dvc_and_exports(
     assert (project / "plots/pretrain_loss.csv").read_text().count("\n") == 301
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_nproc_2_trains_under_torchrun_and_only_rank_0_reports(
     built_project: BuiltProject, tmp_path: Path
 ) -> None:

@@ -50,6 +50,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # a fresh process and `mlflow models serve`
 def test_the_registered_model_loads_in_a_fresh_process_and_serves(store, tmp_path: Path) -> None:
     base, uri, experiment = store
     with mlflow.start_run(experiment_id=experiment):

@@ -189,6 +189,7 @@ def _ddp_worker(rank: int, world: int, port: int, tokens: str, out: str) -> None
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_two_process_gloo_ddp_matches_one_process(tokens: Path, tmp_path: Path) -> None:
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tokens), str(tmp_path / "ddp")), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp" / "r.pt", weights_only=True)
