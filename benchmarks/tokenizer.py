@@ -42,9 +42,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model.data import BatchCursor, TokenShards  # noqa: E402
+from model.tokens import TOKENIZER_FILE  # noqa: E402
 from tasks.core.io import content_id  # noqa: E402
+from tasks.core.layout import TOKENIZER_DIR, TOKENS_DIR  # noqa: E402
 from tasks.core.parallel import available_cpus  # noqa: E402
-from tasks.tokenize import TOKENIZER_FILE, TOKENS_DIR, TokenizeParams, run  # noqa: E402
+from tasks.tokenize import TokenizeParams, run  # noqa: E402
 
 console = Console(width=120)
 
@@ -169,7 +171,7 @@ def main() -> int:
         root = Path(tmp)
         texts_path = root / "texts.json"
         texts_path.write_text(json.dumps(docs), encoding="utf-8")
-        tokenizer_path = root / TOKENIZER_FILE
+        tokenizer_path = root / TOKENIZER_DIR / TOKENIZER_FILE
         tokenizer_path.parent.mkdir(parents=True)
         trained = run_script(TRAIN_SCRIPT, texts_path, tokenizer_path, args.vocab, 0, "repeated")
 

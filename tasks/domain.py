@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.tokens import TOKENIZER_FILE
 from tasks import dedup, ingest, normalize, tokenize
 from tasks.core.io import atomic_dir
-from tasks.core.layout import DOMAIN_DIR, PARAMS_FILE, TOKENIZER_FILE
+from tasks.core.layout import DOMAIN_DIR, PARAMS_FILE, TOKENIZER_DIR
 from tasks.core.params import ParamsError, StageParams, load_section
+
+TOKENIZER_JSON = TOKENIZER_DIR / TOKENIZER_FILE  # the general tokenizer, copied into the sub-project
 
 
 @dataclass
@@ -39,8 +42,8 @@ class DomainParams(StageParams):
 def run(params: DomainParams, root: Path) -> dict[str, Any]:
     """Read `domain.paths` + models/tokenizer/, write data/domain/; metrics per step plus a summary."""
     root = Path(root)
-    if not (root / TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(f"{root / TOKENIZER_FILE}: no tokenizer (run the `tokenizer` stage first)")
+    if not (root / TOKENIZER_JSON).is_file():
+        raise FileNotFoundError(f"{root / TOKENIZER_JSON}: no tokenizer (run the `tokenizer` stage first)")
     settings = root / PARAMS_FILE
     ingest_params = dataclasses.replace(
         load_section(ingest.IngestParams, "ingest", settings),
@@ -53,8 +56,8 @@ def run(params: DomainParams, root: Path) -> dict[str, Any]:
     )
     steps: dict[str, Any] = {}
     with atomic_dir(root / DOMAIN_DIR) as sub:
-        (sub / TOKENIZER_FILE).parent.mkdir(parents=True)
-        shutil.copy2(root / TOKENIZER_FILE, sub / TOKENIZER_FILE)
+        (sub / TOKENIZER_JSON).parent.mkdir(parents=True)
+        shutil.copy2(root / TOKENIZER_JSON, sub / TOKENIZER_JSON)
         steps["ingest"] = ingest.run(ingest_params, sub)
         steps["normalize"] = normalize.run(
             load_section(normalize.NormalizeParams, "normalize", settings), sub

@@ -26,9 +26,9 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model.tokens import EOS_TOKEN, load_tokenizer
+from model.tokens import EOS_TOKEN, TOKENIZER_FILE, load_tokenizer
 from tasks.core.io import atomic_dir, file_md5, hash_fraction, iter_batches, write_json
-from tasks.core.layout import DEDUP_DIR, TOKENIZER_FILE, TOKENS_DIR
+from tasks.core.layout import DEDUP_DIR, TOKENIZER_DIR, TOKENS_DIR
 from tasks.core.params import ParamsError, StageParams
 
 SPLITS = ("train", "val")
@@ -134,7 +134,7 @@ def run(params: TokenizeParams, root: Path) -> dict[str, int | float]:
     started = time.perf_counter()
     root = Path(root)
     source_dir = root / DEDUP_DIR
-    tokenizer_path = root / TOKENIZER_FILE
+    tokenizer_path = root / TOKENIZER_DIR / TOKENIZER_FILE
     tokenizer, eos_id = load_with_eos(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)

@@ -63,6 +63,8 @@ def test_the_tokenizer_does_not_depend_on_the_model_code() -> None:
     code = deps.stage_code_deps(REPO)
     for stage in ("ingest", "normalize", "dedup", "tokenizer", "tokenize"):
         assert not {"model/gpt.py", "model/train.py", "model/generate.py"} & set(code[stage]), stage
+    for stage in ("ingest", "normalize", "dedup"):  # text in, text out: no model code at all
+        assert not [path for path in code[stage] if path.startswith("model/")], stage
     assert "model/gpt.py" in code["evaluate"] and "model/lora.py" in code["evaluate"]
 
 

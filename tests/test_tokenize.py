@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.data import BatchCursor, TokenShards
-from model.tokens import EOS_TOKEN
+from model.tokens import EOS_TOKEN, TOKENIZER_FILE
 from tasks.core.io import content_id, hash_fraction
-from tasks.core.layout import TOKENIZER_FILE, TOKENS_DIR
+from tasks.core.layout import TOKENIZER_DIR, TOKENS_DIR
 from tasks.core.params import ParamsError
 from tasks.normalize import NORMALIZED_SCHEMA as SCHEMA
 from tasks.tokenize import TokenizeParams, run
@@ -77,6 +77,8 @@ JAPANESE = [
 ]
 TRAP = f"A document that talks about the {EOS_TOKEN} marker and <|bos|> too, mid-sentence {EOS_TOKEN}."
 
+TOKENIZER_JSON = TOKENIZER_DIR / TOKENIZER_FILE
+
 
 def _documents() -> list[dict]:
     rng = random.Random(7)
@@ -128,7 +130,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("tokenize")
     docs = _documents()
     _write_corpus(root, docs)
-    _train_tokenizer(root / TOKENIZER_FILE, docs)
+    _train_tokenizer(root / TOKENIZER_JSON, docs)
     return root, docs
 
 
@@ -136,7 +138,7 @@ def _expected(root: Path, docs: list[dict], params: TokenizeParams) -> dict[str,
     """Per split, each document's ids (+eos) in input order, encoded one by one as plain text."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_JSON))
     tokenizer.encode_special_tokens = True
     eos = tokenizer.token_to_id(EOS_TOKEN)
     out: dict[str, list[list[int]]] = {"train": [], "val": []}
@@ -181,8 +183,8 @@ def test_splits_disjoint_and_independent_of_shard_layout(
     for layout, order in (("one", docs), ("shuffled", random.Random(1).sample(docs, len(docs)))):
         other = tmp_path / layout
         _write_corpus(other, order, shards=1 if layout == "one" else 4)
-        (other / TOKENIZER_FILE).parent.mkdir(parents=True)
-        (other / TOKENIZER_FILE).write_bytes((root / TOKENIZER_FILE).read_bytes())
+        (other / TOKENIZER_JSON).parent.mkdir(parents=True)
+        (other / TOKENIZER_JSON).write_bytes((root / TOKENIZER_JSON).read_bytes())
         run(params, other)
         shards = {s: TokenShards(other / TOKENS_DIR, s) for s in ("train", "val")}
         by_tokens = {
@@ -214,13 +216,13 @@ def test_special_token_spelling_in_text_is_plain_text(corpus: tuple[Path, list[d
     assert shards.num_docs == len(docs)  # as many eos as documents: none came from the text
     from tokenizers import Tokenizer
 
-    assert Tokenizer.from_file(str(root / TOKENIZER_FILE)).decode(trap.tolist()) == TRAP
+    assert Tokenizer.from_file(str(root / TOKENIZER_JSON)).decode(trap.tolist()) == TRAP
 
 
 def _trap_ids(root: Path) -> list[int]:
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+    tokenizer = Tokenizer.from_file(str(root / TOKENIZER_JSON))
     plain = tokenizer.encode(TRAP, add_special_tokens=False).ids
     assert tokenizer.token_to_id(EOS_TOKEN) in plain  # without the setting the marker WOULD be special
     tokenizer.encode_special_tokens = True
@@ -266,8 +268,8 @@ def test_tiny_corpus_still_gets_a_val_document(tmp_path: Path, corpus: tuple[Pat
     params = TokenizeParams(val_fraction=1e-9)
     assert all(hash_fraction(params.seed, d["id"]) >= params.val_fraction for d in two)
     _write_corpus(tmp_path, two)
-    (tmp_path / TOKENIZER_FILE).parent.mkdir(parents=True)
-    (tmp_path / TOKENIZER_FILE).write_bytes((root / TOKENIZER_FILE).read_bytes())
+    (tmp_path / TOKENIZER_JSON).parent.mkdir(parents=True)
+    (tmp_path / TOKENIZER_JSON).write_bytes((root / TOKENIZER_JSON).read_bytes())
     metrics = run(params, tmp_path)
     assert (metrics["train_docs"], metrics["val_docs"]) == (1, 1)
 
@@ -278,9 +280,9 @@ def test_bad_params_and_missing_tokenizer(tmp_path: Path, corpus: tuple[Path, li
     with pytest.raises(ParamsError, match=r"tokenize.tokens_per_shard"):
         TokenizeParams(tokens_per_shard=0).validate()
     _write_corpus(tmp_path, corpus[1])
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / TOKENIZER_FILE)):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / TOKENIZER_JSON)):
         run(TokenizeParams(), tmp_path)
-    bad = tmp_path / TOKENIZER_FILE
+    bad = tmp_path / TOKENIZER_JSON
     from tokenizers import Tokenizer, models
 
     bad.parent.mkdir(parents=True)

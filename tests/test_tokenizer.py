@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.tokens import EOS_TOKEN, load_tokenizer
+from model.tokens import EOS_TOKEN, TOKENIZER_FILE, load_tokenizer
 from tasks.core.io import content_id
-from tasks.core.layout import TOKENIZER_DIR, TOKENIZER_FILE
+from tasks.core.layout import TOKENIZER_DIR
 from tasks.core.params import ParamsError
 from tasks.data.tokenizer_families import FAMILIES
 from tasks.normalize import NORMALIZED_SCHEMA as SCHEMA
@@ -21,6 +21,8 @@ from tasks.tokenizer import TokenizerParams, run
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO / "corpus" / "en" / "shakespeare"
+
+TOKENIZER_JSON = TOKENIZER_DIR / TOKENIZER_FILE
 
 
 JAPANESE = [
@@ -99,7 +101,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, i
 
 def test_roundtrip_adversarial_and_no_unk(trained: tuple[Path, dict[str, int | float]]) -> None:
     root, _ = trained
-    tok = load_tokenizer(root / TOKENIZER_FILE)
+    tok = load_tokenizer(root / TOKENIZER_JSON)
     assert tok.get_vocab()  # trained
     for text in ADVERSARIAL:
         enc = tok.encode(text, add_special_tokens=False)
@@ -181,11 +183,11 @@ def test_deterministic_across_processes(tmp_path: Path) -> None:
         write_shard(root, corpus_texts())
         env = {"RAYON_NUM_THREADS": threads, "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
         subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(root)], check=True, env=env, cwd=REPO)
-        outputs.append((root / TOKENIZER_FILE).read_bytes())
+        outputs.append((root / TOKENIZER_JSON).read_bytes())
     root = tmp_path / "inproc"
     write_shard(root, corpus_texts())
     run(small_params(compare=False), root)
-    outputs.append((root / TOKENIZER_FILE).read_bytes())
+    outputs.append((root / TOKENIZER_JSON).read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
 
 

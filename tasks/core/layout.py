@@ -9,14 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from model import tokens
-
 RAW_DIR = Path("data/raw")
 NORMALIZED_DIR = Path("data/normalized")
 DEDUP_DIR = Path("data/dedup")
 TOKENS_DIR = Path("data/tokens")
 TOKENIZER_DIR = Path("models/tokenizer")
-TOKENIZER_FILE = TOKENIZER_DIR / tokens.TOKENIZER_FILE
 PLAN_FILE = Path("models/plan.json")
 BASE_DIR = Path("models/base")
 DOMAIN_DIR = Path("data/domain")  # the fine-tuning corpus, a sub-project with this same layout
