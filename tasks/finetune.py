@@ -38,7 +38,7 @@ from model.train import LoopSettings, TrainConfig, evaluate, train
 from tasks.core import tracking
 from tasks.core.io import atomic_dir, atomic_file, file_md5, read_json
 from tasks.core.layout import BASE_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
-from tasks.core.params import ParamsError, StageParams
+from tasks.core.params import ParamsError, StageParams, setting_errors
 from tasks.core.strategies import (
     COLUMNS,
     STRATEGIES,
@@ -52,7 +52,7 @@ from tasks.core.strategies import (
     state_megabytes,
     trainable_params,
 )
-from tasks.core.training import StageCallbacks, copy_tokenizer, fingerprint, setting_errors
+from tasks.core.training import StageCallbacks, copy_tokenizer, fingerprint
 from tasks.data.finetuning import TaskData, domain_data, sft_data
 
 REPORT_DIR = REPORTS_DIR / "finetune"

@@ -42,8 +42,8 @@ from tasks.core.layout import (
     TOKENS_DIR,
     state_dir,
 )
-from tasks.core.params import ParamsError, StageParams
-from tasks.core.training import StageCallbacks, copy_tokenizer, device_peak_flops, fingerprint, setting_errors
+from tasks.core.params import ParamsError, StageParams, setting_errors
+from tasks.core.training import StageCallbacks, copy_tokenizer, device_peak_flops, fingerprint
 
 REPORT_DIR = REPORTS_DIR / "pretrain"
 LOSS_PLOT = PLOTS_DIR / "pretrain_loss.csv"

@@ -1,8 +1,9 @@
 """params.yaml: one section per stage, parsed into that stage's dataclass with clear errors.
 
-A stage reads only its own section, and dvc.yaml lists exactly that section, so changing a value
-reruns exactly the stages that read it. `set_overrides` implements `-S section.key=value` the way
-`dvc exp run -S` does: the value is written into params.yaml (comments preserved).
+A stage reads its own section (`domain` also the data stages'), and dvc.yaml lists exactly the sections
+each stage reads, so changing a value reruns exactly the stages that read it. `set_overrides`
+implements `-S section.key=value` the way `dvc exp run -S` does: the value is written into params.yaml
+(comments preserved).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import copy
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +40,16 @@ def _check_not_moved(key: str) -> None:
                 f"params.yaml: {old} moved to {new} (the stage that decides it reads it): "
                 f"rename {key} to {new}{key.removeprefix(old)}"
             )
+
+
+@contextmanager
+def setting_errors(section: str, separator: str = ".") -> Iterator[None]:
+    """Turn a model-side settings ValueError ("lr must be > 0 ...") into the ParamsError that names the
+    params.yaml key (`params.yaml: pretrain.lr must be > 0 ...`)."""
+    try:
+        yield
+    except ValueError as err:
+        raise ParamsError(f"params.yaml: {section}{separator}{err}") from None
 
 
 class StageParams:

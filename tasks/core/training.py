@@ -14,8 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from model.tokens import TOKENIZER_FILES
 from model.train import Callbacks, TrainConfig
 from tasks.core import tracking
 from tasks.core.layout import CPU_RATE_FILE, state_dir
-from tasks.core.params import ParamsError
 
 #: TrainConfig fields that do not change the trained weights (left out of the fingerprint).
 OBSERVATION_ONLY = (
@@ -48,16 +46,6 @@ def fingerprint(cfg: TrainConfig, **parts: Any) -> str:
     (model config, data and tokenizer md5s, strategy...), all JSON."""
     blob = json.dumps({"loop": weight_settings(cfg), **parts}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-@contextmanager
-def setting_errors(section: str, separator: str = ".") -> Iterator[None]:
-    """Turn a model-side settings ValueError ("lr must be > 0 ...") into the ParamsError that names the
-    params.yaml key (`params.yaml: pretrain.lr must be > 0 ...`)."""
-    try:
-        yield
-    except ValueError as err:
-        raise ParamsError(f"params.yaml: {section}{separator}{err}") from None
 
 
 def device_peak_flops(device: str, root: Path) -> float | None:
