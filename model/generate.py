@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -36,10 +36,13 @@ from model.gpt import GPT, KVCache
 Decode = Callable[[list[int]], str]
 
 
+Strategy = Literal["greedy", "sample", "beam"]
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 64
-    strategy: Literal["greedy", "sample", "beam"] = "greedy"
+    strategy: Strategy = "greedy"
     temperature: float = 1.0  # sample: logits / temperature
     top_k: int | None = None  # sample: keep the k most likely tokens
     top_p: float | None = None  # sample: keep the smallest set whose probability reaches p
@@ -54,6 +57,9 @@ class GenerationConfig:
     seed: int | None = None  # sample: a seeded generator (None: torch's global RNG)
 
     def validate(self) -> None:
+        if self.strategy not in get_args(Strategy):
+            *others, last = get_args(Strategy)
+            raise ValueError(f"strategy must be {', '.join(others)} or {last}, not {self.strategy!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if self.strategy == "sample" and not self.temperature > 0:
