@@ -83,10 +83,13 @@ def attention_flops_per_token(config: GPTConfig, context: int | None = None, tra
     return 3 * forward if training else forward
 
 
-def train_flops_per_token(config: GPTConfig, include_attention: bool = True) -> int:
-    """Training FLOPs per token: 6N, plus 12·L·H·Q·T for attention unless `include_attention=False`."""
+def train_flops_per_token(
+    config: GPTConfig, include_attention: bool = True, context: int | None = None
+) -> int:
+    """Training FLOPs per token: 6N, plus 12·L·H·Q·T for attention unless `include_attention=False`
+    (T: `context`, the training sequence length; default a full block)."""
     flops = 6 * count_params(config).compute
-    return flops + (attention_flops_per_token(config) if include_attention else 0)
+    return flops + (attention_flops_per_token(config, context) if include_attention else 0)
 
 
 def forward_flops_per_token(config: GPTConfig, context: int | None = None, kv_cache: bool = True) -> int:

@@ -49,12 +49,19 @@ class GenerationConfig:
     min_p: float | None = None  # sample: drop tokens less likely than min_p × the most likely one
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
     banned_ids: tuple[int, ...] = ()  # never generated
-    eos_id: int | None = None  # generation ends after this token (included in `ids`)
+    eos_id: int | tuple[int, ...] | None = (
+        None  # generation ends after this token (or any of these; in `ids`)
+    )
     stop: tuple[str, ...] = ()  # generation ends at the first of these strings (not returned)
     num_beams: int = 4  # beam
     length_penalty: float = 1.0  # beam: hypothesis score = sum log p / length ** length_penalty
     early_stopping: bool | Literal["never"] = False  # beam: as transformers
     seed: int | None = None  # sample: a seeded generator (None: torch's global RNG)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The tokens that end generation (transformers' eos_token_id takes an int or a list too)."""
+        return () if self.eos_id is None else (self.eos_id,) if isinstance(self.eos_id, int) else self.eos_id
 
     def validate(self) -> None:
         if self.strategy not in get_args(Strategy):
@@ -266,8 +273,8 @@ def _decode_loop(
                     continue
                 new_ids[row].append(token)
                 text, stopped = stoppers[row].text(new_ids[row])
-                if stopped or token == config.eos_id or step_number == budgets[row]:
-                    reasons[row] = "stop" if stopped else "eos" if token == config.eos_id else "length"
+                if stopped or token in config.eos_ids or step_number == budgets[row]:
+                    reasons[row] = "stop" if stopped else "eos" if token in config.eos_ids else "length"
                 step = Step(
                     token, math.exp(logprob), logprob, stoppers[row].release(text, reasons[row] is not None)
                 )
@@ -318,7 +325,7 @@ def beam_search(
     device = next(model.parameters()).device
     prompt_len = len(prompt)
     max_length = prompt_len + budget
-    keep = max(2, 1 + (config.eos_id is not None)) * beams  # candidates examined per step
+    keep = max(2, 1 + len(config.eos_ids)) * beams  # candidates examined per step
     top_beams = torch.arange(keep, device=device) < beams
 
     running = torch.tensor(list(prompt), device=device).repeat(beams, 1)  # (beams, cur_len)
@@ -341,8 +348,8 @@ def beam_search(
             source, tokens = top_index // vocab, top_index % vocab
             candidates = torch.cat([running[source], tokens[:, None]], dim=1)
             ended = torch.full_like(tokens, cur_len + 1 >= max_length, dtype=torch.bool)
-            if config.eos_id is not None:
-                ended |= tokens == config.eos_id
+            if config.eos_ids:
+                ended |= torch.isin(tokens, torch.tensor(config.eos_ids, device=device))
 
             # The best num_beams candidates that did not end keep running.
             still_running = top_scores + ended.float() * -1.0e9
@@ -386,7 +393,7 @@ def beam_search(
         steps = _scored_steps(model, prompt, ids)
     finally:
         model.train(was_training)
-    reason = "eos" if config.eos_id is not None and ids and ids[-1] == config.eos_id else "length"
+    reason = "eos" if ids and ids[-1] in config.eos_ids else "length"
     text = None
     if decode is not None:
         stopper = _StopText(decode, config.stop)
@@ -434,7 +441,7 @@ def sample(
     max_new_tokens: int,
     temperature: float = 0.8,
     top_k: int | None = 50,
-    eos_id: int | None = None,
+    eos_id: int | tuple[int, ...] | None = None,
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """What the trainer shows as progress: sampled ids (prompt and EOS excluded), the prompt cut to fit."""
@@ -442,4 +449,4 @@ def sample(
     seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
     config = GenerationConfig(max_new_tokens, "sample", temperature, top_k, eos_id=eos_id, seed=seed)
     ids = generate(model, prompt, config).ids
-    return ids[:-1] if ids and ids[-1] == eos_id else ids
+    return ids[:-1] if ids and ids[-1] in config.eos_ids else ids

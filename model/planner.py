@@ -13,6 +13,10 @@
    tokens: epochs needed, with a warning above `max_epochs`.
 5. Inference: FLOPs and dollars per request at the given token counts and prices.
 
+With a pretrained base (`base`), the shape is the base's and the budget buys continued pretraining:
+the same token budget, batch and steps for that fixed model, on sequences of `context_length` tokens
+(at most the base's own context), with the Chinchilla optimum kept for contrast.
+
 Pure (stdlib + model.config/flops/scaling), so a notebook plans without the pipeline. The settings are
 defined here once (type, default, check); the `plan` stage (tasks/plan.py) reads them from params.yaml.
 """
@@ -200,30 +204,41 @@ def make_plan(
     vocab_size: int,
     train_tokens: int | None = None,
     cpu_rate_file: Path | None = None,
+    base: GPTConfig | None = None,
 ) -> dict[str, Any]:
-    """The whole plan as a JSON-able dict; `cpu_rate_file` remembers this machine's measured FLOP/s."""
+    """The whole plan as a JSON-able dict; `cpu_rate_file` remembers this machine's measured FLOP/s.
+    With `base` (a pretrained model's config) the model is that one and the plan is continued pretraining."""
     budget = resolve_budget(p, cpu_rate_file)
     optimal = chinchilla_optimal(budget.flops)
     kaplan = kaplan_optimal(budget.flops)
-    planned, config = shape_model(p, vocab_size, optimal.params)
-    overrides = {
-        key: {"planned": getattr(planned, key), "used": value}
-        for key, value in given_sizes(p.model).items()
-        if getattr(planned, key) != value
-    }
+    warnings: list[str] = []
+    if base is None:
+        planned, config = shape_model(p, vocab_size, optimal.params)
+        overrides = {
+            key: {"planned": getattr(planned, key), "used": value}
+            for key, value in given_sizes(p.model).items()
+            if getattr(planned, key) != value
+        }
+        context = config.block_size
+    else:
+        if base.vocab_size != vocab_size:
+            raise InvalidSetting(
+                "model", f"the base's vocabulary ({base.vocab_size}) differs from the data's ({vocab_size})"
+            )
+        config, overrides, context = base, {}, min(p.context_length, base.block_size)
+        if given_sizes(p.model):
+            warnings.append(f"plan.model sizes {given_sizes(p.model)} are ignored: the base's shape is fixed")
 
     counts = count_params(config)
-    per_token = train_flops_per_token(config)
-    context = config.block_size
+    per_token = train_flops_per_token(config, context=context)
     batch_tokens = _batch_tokens(p, budget.flops / per_token, context)
     steps = max(1, math.ceil(budget.flops / per_token / batch_tokens))
     tokens = steps * batch_tokens
     hours = tokens * per_token / budget.sustained_flops / 3600
     usd_per_hour = p.usd_per_gpu_hour * p.gpus
 
-    warnings: list[str] = []
     ratio = counts.total / optimal.params
-    if not 0.5 <= ratio <= 2:
+    if base is None and not 0.5 <= ratio <= 2:
         smallest = config.n_layer == 1 and not given_sizes(p.model)
         why = (
             " (the smallest shape at this vocabulary: the budget is below what it needs)" if smallest else ""
@@ -292,6 +307,8 @@ def make_plan(
             "forward_no_cache": forward_flops_per_token(config, kv_cache=False),
         },
         "training": {
+            "continued": base is not None,  # continued pretraining of a pretrained base
+            "seq_len": context,
             "tokens": tokens,
             "batch_tokens": batch_tokens,
             "batch_size": batch_tokens // context,
@@ -321,7 +338,8 @@ def make_plan(
 def buildable(plan: dict[str, Any]) -> dict[str, Any]:
     """The part of a plan that pretraining consumes (models/plan.json). Prices, time estimates and the
     inference cost stay out of it, so changing them never retrains a model."""
-    training = {key: plan["training"][key] for key in ("tokens", "batch_tokens", "batch_size", "steps")}
+    keys = ("continued", "seq_len", "tokens", "batch_tokens", "batch_size", "steps")
+    training = {key: plan["training"][key] for key in keys}
     return {
         "format": plan["format"],
         "model": plan["model"],

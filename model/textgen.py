@@ -7,7 +7,9 @@
 Used by `llmpipe generate` and `llmpipe chat`, the evaluate stage and the MLflow pyfunc model, so all of
 them encode prompts and decode answers the same way: special-token spellings typed in a prompt stay text
 (`encode_special_tokens`, as the tokenizer stage requires), special tokens are left out of the decoded
-text, and an empty prompt means "the start of a document" (the `<|eos|>` that ends the one before it).
+text, and an empty prompt means "the start of a document" (the token that ends the one before it).
+Generation stops at the tokenizer's eos token or the end of a document (model.tokens.SpecialTokens), and
+`llmpipe chat` uses the tokenizer directory's own chat template (model.chat.ChatTemplate).
 Depends on torch, tokenizers and model/ only (the pyfunc model ships model/ as its code); torch is
 imported on first use, so the tokenizer stages can load a tokenizer from here without it.
 """
@@ -21,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
-from model.tokens import EOS_TOKEN, TOKENIZER_FILE, load_tokenizer
+from model.chat import ChatTemplate
+from model.tokens import TOKENIZER_FILE, SpecialTokens, load_tokenizer, special_tokens
 
 if TYPE_CHECKING:
     from model.generate import Generation, GenerationConfig, Step
@@ -32,10 +35,27 @@ if TYPE_CHECKING:
 class Generator:
     model: GPT  # in eval mode
     tokenizer: Tokenizer
+    special: SpecialTokens
+    template: ChatTemplate | None = None  # the tokenizer directory's chat template
+
+    @classmethod
+    def load(cls, model: GPT, tokenizer_dir: Path) -> Generator:
+        """`model` with the tokenizer, special tokens and chat template of `tokenizer_dir`."""
+        tokenizer = load_tokenizer(tokenizer_dir)
+        template = ChatTemplate.load(tokenizer_dir)
+        return cls(model, tokenizer, special_tokens(tokenizer_dir, tokenizer), template)
 
     @property
-    def eos_id(self) -> int | None:
-        return self.tokenizer.token_to_id(EOS_TOKEN)
+    def stop_ids(self) -> tuple[int, ...]:
+        """What ends a generated text (GenerationConfig.eos_id): eos, and the end of a document."""
+        return self.special.stop_ids
+
+    def chat_template(self) -> ChatTemplate:
+        if self.template is None:
+            raise ValueError(
+                "this model's tokenizer has no chat template (tokenizer_config.json `chat_template`)"
+            )
+        return self.template
 
     @property
     def context(self) -> int:
@@ -43,9 +63,8 @@ class Generator:
 
     def encode(self, text: str) -> list[int]:
         """The prompt's ids, exactly the text (as a transformers tokenizer from models/base/hf encodes it);
-        an empty prompt is the document boundary <|eos|>."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ids or ([self.eos_id] if self.eos_id is not None else [])
+        an empty prompt is the document boundary."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids or [self.special.document_end]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -55,7 +74,7 @@ class Generator:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _config(self, config: GenerationConfig) -> GenerationConfig:
-        return config if config.eos_id is not None else replace(config, eos_id=self.eos_id)
+        return config if config.eos_id is not None else replace(config, eos_id=self.stop_ids)
 
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -91,4 +110,4 @@ def load_generator(
     if tokenizer is None:
         holders = [Path(d) for d in (checkpoint, adapter) if d is not None]
         tokenizer = next((d for d in holders if (d / TOKENIZER_FILE).is_file()), Path(checkpoint))
-    return Generator(model.to(device).eval(), load_tokenizer(tokenizer))
+    return Generator.load(model.to(device).eval(), tokenizer)

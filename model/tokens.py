@@ -4,12 +4,20 @@ A leaf module (tokenizers and numpy only, no torch), so the tokenizer and tokeni
 and not on the model code: a change to the GPT does not retrain the tokenizer.
 
 Special-token spellings typed in ordinary text encode as text (`for_ordinary_text`): only llmpipe itself
-puts special ids into a sequence (the `<|eos|>` between documents, the chat template's role tokens).
+puts special ids into a sequence (the token between documents, the chat template's role tokens).
+
+A tokenizer directory is tokenizer.json plus transformers' tokenizer_config.json, which names the special
+tokens (`SpecialTokens`) and holds the chat template. llmpipe's own tokenizer uses `<|bos|>`, `<|eos|>`,
+`<|pad|>`; a pretrained base brings its own (SmolLM2: `<|im_start|>`, `<|im_end|>`, `<|endoftext|>`), and
+every stage reads them from the directory rather than assuming llmpipe's spellings.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -21,8 +29,67 @@ ROLES = ("system", "user", "assistant")  # the chat template's role tokens are <
 DEFAULT_SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, *(f"<|{role}|>" for role in ROLES))
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers ≥ 4.47 saves a chat template
 #: What a model directory holds of its tokenizer: tokenizer.json and transformers' configs.
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, "special_tokens_map.json", CHAT_TEMPLATE_FILE)
+#: The document separator of GPT-2-style vocabularies (GPT-2, SmolLM, Qwen, Phi, ...): their pretraining
+#: documents end with it, while their `eos_token` may end a chat turn instead (SmolLM2's `<|im_end|>`).
+END_OF_TEXT = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The special tokens a tokenizer directory names, as ids of its vocabulary."""
+
+    bos: int | None  # transformers' bos_token
+    eos: int | None  # transformers' eos_token: generation stops at it
+    pad: int | None
+    document_end: int  # appended after every document of the training data (END_OF_TEXT, else eos)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """What ends a generated text: the eos token, and the end of a document."""
+        return tuple(dict.fromkeys(i for i in (self.eos, self.document_end) if i is not None))
+
+
+def tokenizer_config(directory: Path) -> dict[str, Any]:
+    """tokenizer_config.json of a tokenizer directory, its chat template read from chat_template.jinja
+    when it is stored there; {} when the directory has none."""
+    directory = Path(directory)
+    path = directory / TOKENIZER_CONFIG_FILE
+    config: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        config["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    return config
+
+
+def token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json stores it: a string, or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def special_tokens(directory: Path, tokenizer: Tokenizer | None = None) -> SpecialTokens:
+    """The special tokens named in `directory`'s tokenizer_config.json; ValueError naming the directory
+    when there is nothing to end a document with."""
+    directory = Path(directory)
+    tokenizer = tokenizer or load_tokenizer(directory)
+    config = tokenizer_config(directory)
+
+    def token_id(key: str) -> int | None:
+        text = token_text(config.get(key))
+        return None if text is None else tokenizer.token_to_id(text)
+
+    bos, eos, pad = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    end_of_text = tokenizer.token_to_id(END_OF_TEXT) if END_OF_TEXT in specials else None
+    document_end = end_of_text if end_of_text is not None else eos
+    if document_end is None:
+        raise ValueError(
+            f"{directory}: the tokenizer names no eos_token in {TOKENIZER_CONFIG_FILE} and has no "
+            f"{END_OF_TEXT}: nothing can separate documents"
+        )
+    return SpecialTokens(bos=bos, eos=eos, pad=pad, document_end=document_end)
 
 
 def for_ordinary_text(tokenizer: Tokenizer) -> Tokenizer:

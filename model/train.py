@@ -5,7 +5,8 @@
 
 - `LoopSettings` holds every setting of the loop, each with its one default and check; `TrainConfig` adds
   the run's length and batch. The training stages' params derive from `LoopSettings`.
-- One optimizer step consumes `batch_size` sequences of `block_size` tokens: split over `world_size`
+- One optimizer step consumes `batch_size` sequences of `seq_len` tokens (at most the model's context,
+  `block_size`: a pretrained base with an 8k context can train on short sequences): split over `world_size`
   ranks (DDP under torchrun) and, on each rank, into micro-batches of `micro_batch_size` whose gradients
   accumulate. The global batch, and so the result, does not depend on how it is split.
 - Batches come from a `Batches` source (`TokenShards` for pretraining; fine-tuning passes mixed or
@@ -67,6 +68,7 @@ class LoopSettings:
     The defaults are pretraining's; fine-tuning's params set their own for some."""
 
     micro_batch_size: int | None = None  # sequences per forward pass per rank; None: batch_size / world
+    seq_len: int | None = None  # tokens per training sequence, at most the model's context; None: all of it
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the schedule ends at lr × min_lr_ratio
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -91,8 +93,9 @@ class LoopSettings:
         for key in ("eval_every", "eval_batches", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be ≥ 1 or null, got {self.micro_batch_size}")
+        for key in ("micro_batch_size", "seq_len"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be ≥ 1 or null, got {getattr(self, key)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1]; got {self.lr}, {self.min_lr_ratio}")
         if self.warmup_steps < 0:
@@ -114,6 +117,10 @@ class TrainConfig(LoopSettings):
 
     steps: int
     batch_size: int  # sequences per optimizer step, over all ranks and micro-batches
+
+    def context(self, model: GPT) -> int:
+        """Tokens per training sequence for `model`: seq_len, capped at the model's context."""
+        return min(self.seq_len or model.config.block_size, model.config.block_size)
 
     def validate(self) -> None:
         for key in ("steps", "batch_size"):
@@ -192,7 +199,7 @@ def train(
     callbacks: Callbacks | None = None,
     peak_flops: float | None = None,
     sample_prompts: list[list[int]] | None = None,
-    eos_id: int | None = None,
+    eos_id: int | tuple[int, ...] | None = None,
     progress: bool = True,
     label: str = "pretrain",
 ) -> TrainResult:
@@ -221,7 +228,8 @@ def train(
     )
     model.train()
     peak = peak_flops * runtime.world if peak_flops else None
-    clock = _Throughput(cfg.batch_size * model.config.block_size, train_flops_per_token(model.config), peak)
+    context = cfg.context(model)
+    clock = _Throughput(cfg.batch_size * context, train_flops_per_token(model.config, context=context), peak)
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         train_loss, grad_norm = _optimizer_step(trained, model, optimizer, lr, train_data, cfg, step, runtime)
@@ -341,7 +349,7 @@ def _optimizer_step(
     per_rank = cfg.batch_size // runtime.world
     accumulation = per_rank // (cfg.micro_batch_size or per_rank)
     loss_sum = torch.zeros((), device=runtime.device)
-    for i, (x, y) in enumerate(_micro_batches(data, cfg, model.config.block_size, step, runtime)):
+    for i, (x, y) in enumerate(_micro_batches(data, cfg, cfg.context(model), step, runtime)):
         last = i == accumulation - 1
         sync = contextlib.nullcontext() if last or runtime.world == 1 else trained.no_sync()  # type: ignore[operator]
         with sync, autocast(runtime, cfg.precision):
@@ -363,7 +371,7 @@ def evaluate(
 ) -> float:
     """Mean loss over a fixed set of validation batches (the same ones at every evaluation)."""
     model.eval()
-    context, total = model.config.block_size, 0.0
+    context, total = cfg.context(model), 0.0
     count = batches or cfg.eval_batches
     micro = cfg.micro_batch_size or max(1, cfg.batch_size // runtime.world)
     for i in range(count):
@@ -376,7 +384,9 @@ def evaluate(
     return total / count
 
 
-def _samples(model: GPT, prompts: list[list[int]], cfg: TrainConfig, eos_id: int | None) -> list[list[int]]:
+def _samples(
+    model: GPT, prompts: list[list[int]], cfg: TrainConfig, eos_id: int | tuple[int, ...] | None
+) -> list[list[int]]:
     """Continuations of the prompts, drawn with the same seed each time so that steps compare."""
     generator = torch.Generator().manual_seed(cfg.seed)
     return [

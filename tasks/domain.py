@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.tokens import TOKENIZER_FILE
+from model.tokens import TOKENIZER_FILE, TOKENIZER_FILES
 from tasks import dedup, ingest, normalize, tokenize
 from tasks.core.io import atomic_dir
 from tasks.core.layout import DOMAIN_DIR, PARAMS_FILE, TOKENIZER_DIR
@@ -56,8 +56,10 @@ def run(params: DomainParams, root: Path) -> dict[str, Any]:
     )
     steps: dict[str, Any] = {}
     with atomic_dir(root / DOMAIN_DIR) as sub:
-        (sub / TOKENIZER_JSON).parent.mkdir(parents=True)
-        shutil.copy2(root / TOKENIZER_JSON, sub / TOKENIZER_JSON)
+        (sub / TOKENIZER_DIR).mkdir(parents=True)
+        for name in TOKENIZER_FILES:  # tokenizer.json and the config naming its special tokens
+            if (root / TOKENIZER_DIR / name).is_file():
+                shutil.copy2(root / TOKENIZER_DIR / name, sub / TOKENIZER_DIR / name)
         steps["ingest"] = ingest.run(ingest_params, sub)
         steps["normalize"] = normalize.run(
             load_section(normalize.NormalizeParams, "normalize", settings), sub

@@ -115,7 +115,7 @@ def generation_rows(generator: Generator, params: EvaluateParams) -> tuple[list[
             probs = [step.prob for step in result.steps]
             if name == "greedy" and prompt == params.prompts[0]:
                 greedy_steps = result.steps
-            ids = [i for i in result.ids if i != generator.eos_id]
+            ids = [i for i in result.ids if i not in generator.stop_ids]
             rows.append(
                 {
                     "prompt": prompt,
@@ -147,7 +147,7 @@ def validation_metrics(
     }
     train = _split_tokens(root / TOKENS_DIR, "train", 1 << 62)
     for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
-        baseline = NgramModel(train, n, len(sizes), params.ngram_k, boundary=generator.eos_id or 0)
+        baseline = NgramModel(train, n, len(sizes), params.ngram_k, boundary=generator.special.document_end)
         counted = Scored(scored.index, -baseline.log_prob(val, scored.index))  # the same tokens, scored
         metrics[f"{name}_bpb"] = round(counted.bits_per_byte(sizes, val), 5)
     return metrics

@@ -3,8 +3,9 @@
 Tasks (`finetune.task`; the data is read by tasks/data/finetuning.py):
 - `domain`: continued causal-LM training on the domain corpus (data/domain/, the `domain` stage), each
   batch row drawn from the general corpus instead with probability `general_fraction` (replay).
-- `sft`: prompt/response pairs from JSONL, rendered with the chat template (model/chat.py); the loss
-  is taken on the response tokens (and its closing <|eos|>) only. Bad rows are quarantined with a reason.
+- `sft`: prompt/response pairs from JSONL, rendered with the base's chat template (model/chat.py); the
+  loss is taken on the response tokens (and the token closing the turn) only. Bad rows are quarantined
+  with a reason.
 
 Strategies (tasks/core/strategies.py), on the same data, steps and batches: `lora` (model/lora.py: only
 the adapters train), and with `compare: true` also `last_layer` (the last block and the final norm) and
@@ -28,12 +29,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from model import chat
+from model.chat import ChatTemplate
 from model.checkpoint import load_checkpoint
 from model.data import TokenShards
 from model.lora import LoraSettings, lora_param_count, save_adapter
 from model.runtime import setup_runtime
-from model.tokens import TOKENIZER_FILE, load_tokenizer
+from model.tokens import TOKENIZER_FILE, load_tokenizer, special_tokens
 from model.train import LoopSettings, TrainConfig, evaluate, train
 from tasks.core import tracking
 from tasks.core.io import atomic_dir, atomic_file, file_md5, read_json
@@ -135,14 +136,19 @@ def run(params: FinetuneParams, root: Path) -> dict[str, Any]:
         params.lora.for_model(base.config)  # the targets exist in this base
     tokenizer = load_tokenizer(root / BASE_DIR)
     base_md5 = file_md5(root / BASE_DIR / "model.safetensors")
-    data = _task_data(root, params, tokenizer, base.config.block_size)
+    probe = params.for_run(params.steps, params.batch_size)
+    context = probe.context(base)  # tokens per training sequence: seq_len, at most the base's context
+    data = _task_data(root, params, tokenizer, context)
     general = TokenShards(root / TOKENS_DIR, "val")
     # too little general validation text to measure forgetting: reported absent
-    general_val = general if len(general) > base.config.block_size else None
-    prompts = [_prompt_ids(tokenizer, text, params.task) for text in params.sample_prompts]
+    general_val = general if len(general) > context else None
+    template = ChatTemplate.load(root / BASE_DIR)
+    prompts = [_prompt_ids(tokenizer, template, text, params.task) for text in params.sample_prompts]
+    stop_ids = special_tokens(root / BASE_DIR, tokenizer).stop_ids  # where a sample ends
+    if params.task == "sft" and template is not None:
+        stop_ids += (template.end_of_turn(tokenizer),)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
 
-    probe = params.for_run(params.steps, params.batch_size)
     runtime = setup_runtime(probe.device)
     base.to(runtime.device)
     base_row = {"val_loss": evaluate(base, data.val, probe, runtime)}
@@ -165,7 +171,7 @@ def run(params: FinetuneParams, root: Path) -> dict[str, Any]:
             fingerprint=_fingerprint(strategy, cfg, params, base_md5, data.md5),
             callbacks=callbacks,
             sample_prompts=prompts if strategy == "lora" else None,
-            eos_id=general.eos_id,
+            eos_id=stop_ids,
             label=f"finetune {strategy}",
         )
         callbacks.stream.flush()
@@ -216,9 +222,13 @@ def _task_data(root: Path, params: FinetuneParams, tokenizer: Any, context: int)
     path = root / params.sft_path
     if not path.is_file():
         raise FileNotFoundError(f"params.yaml: finetune.sft_path: {path} does not exist")
+    special = special_tokens(root / BASE_DIR, tokenizer)
+    pad_id = next(i for i in (special.pad, special.eos, special.document_end) if i is not None)
     return sft_data(
         path,
         tokenizer,
+        _chat_template(root),
+        pad_id,
         context,
         prompt_field=params.sft_prompt_field,
         response_field=params.sft_response_field,
@@ -243,12 +253,21 @@ def _fingerprint(
     )
 
 
-def _prompt_ids(tokenizer: Any, text: str, task: str) -> list[int]:
+def _chat_template(root: Path) -> ChatTemplate:
+    template = ChatTemplate.load(root / BASE_DIR)
+    if template is None:
+        raise ValueError(
+            f"finetune.task is sft but {root / BASE_DIR}'s tokenizer has no chat template "
+            "(tokenizer_config.json `chat_template`)"
+        )
+    return template
+
+
+def _prompt_ids(tokenizer: Any, template: ChatTemplate | None, text: str, task: str) -> list[int]:
     """A sample prompt: plain text for `domain`, a user turn + generation prompt for `sft`."""
-    if task == "sft":
-        return chat.encode(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)[
-            0
-        ].tolist()
+    if task == "sft" and template is not None:
+        messages = [{"role": "user", "content": text}]
+        return template.encode(tokenizer, messages, add_generation_prompt=True)[0].tolist()
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 

@@ -5,7 +5,8 @@ checks) is model/planner.py, where each `plan` setting is defined; this stage re
 and the training split's size from data/tokens/meta.json, and writes models/plan.json (what pretrain
 reads: model config, token budget, batch, steps), the full plan in reports/plan/plan.json (+ plan.md,
 isoflops.png, frontier.png) and plots/plan_isoflops.csv. `llmpipe plan` prints the same plan without
-running the pipeline.
+running the pipeline. With a pretrained base (models/init/, `pretrain.init`) the model is the base and
+the budget buys continued pretraining of it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from model import planner
+from model.config import GPTConfig
 from model.planner import InvalidSetting, PlanSettings, buildable
 from model.scaling import CHINCHILLA_TABLE3, chinchilla_optimal, isoflops_curve, kaplan_optimal
 from tasks.core.io import atomic_dir, atomic_file, read_json, write_json
-from tasks.core.layout import CPU_RATE_FILE, PLAN_FILE, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR, state_dir
+from tasks.core.layout import (
+    CPU_RATE_FILE,
+    INIT_SOURCE,
+    PLAN_FILE,
+    PLOTS_DIR,
+    REPORTS_DIR,
+    TOKENS_DIR,
+    state_dir,
+)
 from tasks.core.params import ParamsError, StageParams
 
 REPORT_DIR = REPORTS_DIR / "plan"
@@ -46,14 +56,25 @@ class PlanParams(StageParams, PlanSettings):
 
 
 def make_plan(
-    settings: PlanSettings, vocab_size: int, train_tokens: int | None = None, state: Path | None = None
+    settings: PlanSettings,
+    vocab_size: int,
+    train_tokens: int | None = None,
+    state: Path | None = None,
+    base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The planner's plan; `state` keeps this machine's CPU rate; a model GPTConfig rejects is a
-    ParamsError naming plan.model."""
+    """The planner's plan; `state` keeps this machine's CPU rate; `base` is models/init/source.json of a
+    pretrained base (the plan is then continued pretraining); a model GPTConfig rejects is a ParamsError
+    naming plan.model."""
+    base_config = GPTConfig.from_dict(base["config"]) if base else None
     try:
-        return planner.make_plan(settings, vocab_size, train_tokens, state / CPU_RATE_FILE if state else None)
+        plan = planner.make_plan(
+            settings, vocab_size, train_tokens, state / CPU_RATE_FILE if state else None, base_config
+        )
     except InvalidSetting as err:
         raise params_error(err) from None
+    if base:
+        plan["base"] = {key: base[key] for key in ("init", "name", "md5", "params")}
+    return plan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,6 +162,15 @@ def summary_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
             f"{inference['flops_per_request']:.3g} FLOPs, ${inference['usd_per_request']:.6f}",
         )
     )
+    if base := plan.get("base"):
+        rows.insert(
+            0,
+            (
+                "pretrained base",
+                f"{base['name']} ({base['params']:,} parameters, md5 {base['md5'][:12]}): the budget buys "
+                f"continued pretraining on sequences of {train['seq_len']} tokens",
+            ),
+        )
     for key, change in plan["overrides"].items():
         rows.append((f"override {key}", f"{change['planned']} planned → {change['used']} (plan.model)"))
     for warning in plan["warnings"]:
@@ -234,7 +264,9 @@ def run(params: PlanParams, root: Path) -> dict[str, int | float]:
     counts = read_token_counts(root)
     if counts is None:
         raise FileNotFoundError(f"{root / TOKEN_META}: no token shards (run the tokenize stage)")
-    plan = make_plan(params, counts.vocab_size, counts.train_tokens, state_dir(root))
+    source = read_json(root / INIT_SOURCE) if (root / INIT_SOURCE).is_file() else {}
+    base = source if source.get("kind", "scratch") != "scratch" else None
+    plan = make_plan(params, counts.vocab_size, counts.train_tokens, state_dir(root), base)
     for warning in plan["warnings"]:
         print(f"plan: warning: {warning}")
     write_json(root / PLAN_FILE, buildable(plan))
@@ -254,4 +286,5 @@ def run(params: PlanParams, root: Path) -> dict[str, int | float]:
         "usd": round(plan["training"]["usd"], 4),
         "expected_loss": round(plan["training"]["expected_loss"], 4),
         "warnings": len(plan["warnings"]),
+        "continued": int(plan["training"]["continued"]),  # 1: continued pretraining of a pretrained base
     }

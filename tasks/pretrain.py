@@ -2,7 +2,9 @@
 
 1. The model config and token budget come from models/plan.json (sizes set in `plan.model` were
    already applied by the plan stage and are recorded there); `pretrain.steps` / `batch_size` override
-   the plan's schedule and the metrics say so.
+   the plan's schedule and the metrics say so. With a pretrained base (`pretrain.init`, imported into
+   models/init/ by the `init` stage) training continues from its weights, at a learning rate fit for
+   that (`lr: null`), and `steps: 0` keeps the base as it is.
 2. model/train.py runs the loop. Its checkpoints live in .llmpipe/checkpoints/pretrain/, outside DVC's
    outputs (DVC deletes those before it reruns a stage), so `dvc repro` after a killed run resumes. The
    checkpoint carries a fingerprint of the model and training config and of the data and tokenizer md5s:
@@ -20,7 +22,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,15 @@ import numpy as np
 from model.checkpoint import load_checkpoint
 from model.config import GPTConfig
 from model.data import TokenShards
-from model.tokens import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, TOKENIZER_FILE, load_tokenizer
-from model.train import LoopSettings, TrainConfig, TrainResult, train
+from model.tokens import TOKENIZER_FILE, load_tokenizer, special_tokens
+from model.train import LoopSettings, TrainConfig, TrainResult, evaluate, train
 from tasks.core import tracking
+from tasks.core.bases import InitSetting
 from tasks.core.io import atomic_dir, atomic_file, file_md5, read_json, write_json
 from tasks.core.layout import (
     BASE_DIR,
+    INIT_DIR,
+    INIT_SOURCE,
     PLAN_FILE,
     PLOTS_DIR,
     REPORTS_DIR,
@@ -49,38 +54,55 @@ REPORT_DIR = REPORTS_DIR / "pretrain"
 LOSS_PLOT = PLOTS_DIR / "pretrain_loss.csv"
 VAL_PLOT = PLOTS_DIR / "pretrain_val.csv"
 CHECKPOINTS = Path("checkpoints/pretrain")  # under .llmpipe/
+#: Peak learning rates when `pretrain.lr` is null. From scratch, small models take a large one (nanoGPT's
+#: CPU recipe: 1e-3; llmpipe's 1-4 layer models train fastest near 3e-3). Continued pretraining of a
+#: released model uses ~1/30 to 1/100 of its original peak (SmolLM2's was 3e-3), so that a short run on
+#: new text adapts the model rather than overwriting it (Gupta et al. 2023, "Continual Pre-Training of
+#: Large Language Models: How to (re)warm your model?").
+SCRATCH_LR = 3e-3
+CONTINUED_LR = 5e-5
 
 
 @dataclass(kw_only=True)
-class PretrainParams(StageParams, LoopSettings):
+class PretrainParams(StageParams, LoopSettings, InitSetting):
     """params.yaml `pretrain`: the loop's settings (types, defaults and checks in model/train.py's
     LoopSettings) and the stage's own below. StageParams comes first so that building one runs `validate`,
     which names the params.yaml key."""
 
-    steps: int | None = None  # optimizer steps; null: the plan's
+    steps: int | None = None  # optimizer steps; null: the plan's; 0: keep the pretrained base as it is
     batch_size: int | None = None  # sequences per step; null: the plan's
+    lr: float | None = None  # peak learning rate; null: SCRATCH_LR from scratch, CONTINUED_LR for a base
     sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO.", "In the beginning"])
     log_model: bool = True  # copy models/base/ into the MLflow run's artifacts
     nproc: int = 1  # processes (GPUs) on this node: > 1 relaunches the stage under torchrun (DDP)
 
     def train_config(self, plan: dict[str, Any]) -> TrainConfig:
-        """The loop's config: the plan's steps and batch size unless set here, every other field as set."""
-        steps = self.steps if self.steps is not None else plan["training"]["steps"]
-        batch_size = self.batch_size if self.batch_size is not None else plan["training"]["batch_size"]
-        return self.for_run(steps, batch_size)
+        """The loop's config: the plan's steps, batch size and sequence length unless set here, the
+        learning rate for the kind of run unless set, every other field as set (steps 0 runs as 1: the
+        stage then trains nothing)."""
+        training = plan["training"]
+        steps = self.steps if self.steps is not None else training["steps"]
+        batch_size = self.batch_size if self.batch_size is not None else training["batch_size"]
+        lr = self.lr if self.lr is not None else CONTINUED_LR if training.get("continued") else SCRATCH_LR
+        seq_len = self.seq_len if self.seq_len is not None else training.get("seq_len")
+        return replace(self.for_run(max(steps, 1), batch_size), lr=lr, seq_len=seq_len)
 
     def validate(self) -> None:
         if self.nproc < 1:
             raise ParamsError(f"params.yaml: pretrain.nproc must be ≥ 1, got {self.nproc}")
+        if self.steps is not None and self.steps < 0:
+            raise ParamsError(f"params.yaml: pretrain.steps must be ≥ 0 or null, got {self.steps}")
         with setting_errors("pretrain"):  # steps or batch_size null: any plan's will do
             self.train_config({"training": {"steps": 1, "batch_size": 1}}).validate()
 
 
 def _fingerprint(config: GPTConfig, cfg: TrainConfig, root: Path) -> str:
-    """What determines the trained weights: the model and loop config, the data and tokenizer md5s."""
+    """What determines the trained weights: the model and loop config, the data and tokenizer md5s, and
+    the pretrained base's (models/init/source.json records it)."""
     data = {
         "meta": file_md5(root / TOKENS_DIR / "meta.json"),
         "tokenizer": file_md5(root / TOKENIZER_DIR / TOKENIZER_FILE),
+        "init": file_md5(root / INIT_SOURCE) if (root / INIT_SOURCE).is_file() else None,
     }
     return fingerprint(cfg, model=asdict(config), data=data)
 
@@ -151,14 +173,20 @@ def run(params: PretrainParams, root: Path) -> dict[str, int | float]:
     from model.gpt import GPT
 
     torch.manual_seed(cfg.seed)
-    model = GPT(config)
+    continued = (root / INIT_DIR / "config.json").is_file()
+    model = load_checkpoint(root / INIT_DIR).train() if continued else GPT(config)
+    if model.config != config:
+        raise ValueError(f"{PLAN_FILE} plans another model than the base in {INIT_DIR}: rerun the plan stage")
     callbacks = StageCallbacks(lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
-    result = train(
-        model, train_data, val_data if len(val_data) > config.block_size else None, cfg,
-        checkpoints=state_dir(root) / CHECKPOINTS, fingerprint=_fingerprint(config, cfg, root),
-        callbacks=callbacks, peak_flops=device_peak_flops(cfg.device, root), sample_prompts=prompts,
-        eos_id=train_data.eos_id,
-    )  # fmt: skip
+    val = val_data if len(val_data) > cfg.context(model) else None
+    if params.steps == 0:  # the base as it is: only measured
+        result = _unchanged(model, val, cfg, callbacks)
+    else:
+        result = train(
+            model, train_data, val, cfg, checkpoints=state_dir(root) / CHECKPOINTS,
+            fingerprint=_fingerprint(config, cfg, root), callbacks=callbacks,
+            peak_flops=device_peak_flops(cfg.device, root), sample_prompts=prompts, eos_id=train_data.eos_id,
+        )  # fmt: skip
     callbacks.stream.flush()
     if os.environ.get("RANK", "0") != "0":
         return {"rank": int(os.environ["RANK"]), "train_loss": result.train_loss}  # rank 0 writes the outputs
@@ -169,17 +197,21 @@ def run(params: PretrainParams, root: Path) -> dict[str, int | float]:
         tracking.log_artifacts(root / BASE_DIR, "model")
     metrics: dict[str, int | float] = {
         "params": model.num_params(),
+        "continued": int(continued),  # 1: continued pretraining of a pretrained base
         "steps": result.steps,
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "planned_steps": plan["training"]["steps"],
         "batch_size": cfg.batch_size,
-        "tokens": cfg.steps * cfg.batch_size * config.block_size,
+        "seq_len": cfg.context(model),
+        "lr": cfg.lr,
+        "tokens": result.steps * cfg.batch_size * cfg.context(model),
         "resumed_from_step": result.resumed_from,
-        "train_loss": round(result.train_loss, 5),
         "unigram_val_loss": round(baseline, 5),
         "seconds": round(result.seconds, 2),
         "tokens_per_second": round(result.tokens_per_second, 1),
     }
+    if result.steps:
+        metrics["train_loss"] = round(result.train_loss, 5)
     if result.val_loss is not None:
         metrics |= {
             "val_loss": round(result.val_loss, 5),
@@ -188,6 +220,20 @@ def run(params: PretrainParams, root: Path) -> dict[str, int | float]:
     if result.mfu is not None:
         metrics["mfu"] = round(result.mfu, 5)
     return metrics
+
+
+def _unchanged(
+    model: Any, val: TokenShards | None, cfg: TrainConfig, callbacks: StageCallbacks
+) -> TrainResult:
+    """`pretrain.steps: 0`: no training; the base's validation loss, as a run of 0 steps reports it."""
+    from model.runtime import setup_runtime
+
+    runtime = setup_runtime(cfg.device)
+    model.to(runtime.device)
+    val_loss = evaluate(model, val, cfg, runtime) if val is not None else None
+    if val_loss is not None:
+        callbacks.val.append((0, val_loss))
+    return TrainResult(0, 0, float("nan"), val_loss, 0, 0.0, 0.0, None)
 
 
 def _save_base(root: Path, model: Any) -> None:
@@ -213,13 +259,9 @@ def _write_hf(model: Any, tokenizer_dir: Path, out: Path) -> None:
     """A transformers directory: config.json + model.safetensors + the tokenizer files."""
     from model.hf import save_hf
 
-    tokenizer = load_tokenizer(tokenizer_dir)
-    special = {
-        "bos_token_id": tokenizer.token_to_id(BOS_TOKEN),
-        "eos_token_id": tokenizer.token_to_id(EOS_TOKEN),
-        "pad_token_id": tokenizer.token_to_id(PAD_TOKEN),
-    }
-    save_hf(model, out, special)
+    special = special_tokens(tokenizer_dir)
+    ids = {"bos_token_id": special.bos, "eos_token_id": special.eos, "pad_token_id": special.pad}
+    save_hf(model, out, ids)
     copy_tokenizer(tokenizer_dir, out)
 
 

@@ -8,8 +8,9 @@
    something to evaluate on. A cheap first pass over the `id` column finds that document.
 2. Encode batch by batch with `Tokenizer.encode_batch_fast` (Rust, parallel on all cores, no offsets).
    Special-token spellings inside ordinary text (a document that *talks about* "<|eos|>") are encoded
-   as plain text, never as the special id: `<|eos|>` appears in the output only where this stage puts
-   it, after every document, so document boundaries are exactly the eos positions.
+   as plain text, never as the special id: the document-end token (`<|eos|>` for llmpipe's tokenizer,
+   `<|endoftext|>` for GPT-2-style ones: model.tokens.SpecialTokens) appears in the output only where
+   this stage puts it, after every document, so document boundaries are exactly its positions.
 3. Write `data/tokens/{train,val}-00000.npy, ...`: flat 1-D arrays (uint16 when the vocabulary fits,
    else uint32) of at most `tokens_per_shard` tokens each, in input document order, plus `meta.json`.
    Memory stays bounded: one shard buffer per split plus one encoded batch. model/data.py reads them.
@@ -26,7 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from model.tokens import EOS_TOKEN, TOKENIZER_FILE, load_tokenizer
+from model.tokens import TOKENIZER_FILE, load_tokenizer, special_tokens
 from tasks.core.io import atomic_dir, file_md5, hash_fraction, iter_batches, write_json
 from tasks.core.layout import DEDUP_DIR, TOKENIZER_DIR, TOKENS_DIR
 from tasks.core.params import ParamsError, StageParams
@@ -58,13 +59,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def load_with_eos(path: Path) -> tuple[Tokenizer, int]:
-    """The tokenizer, safe for ordinary text (model.tokens.load_tokenizer), and its eos id."""
-    tokenizer = load_tokenizer(path)
-    eos_id = tokenizer.token_to_id(EOS_TOKEN)
-    if eos_id is None:
-        raise ValueError(f"{path}: the vocabulary has no {EOS_TOKEN!r} token (train it as a special token)")
-    return tokenizer, eos_id
+def load_with_eos(directory: Path) -> tuple[Tokenizer, int]:
+    """The tokenizer, safe for ordinary text (model.tokens.load_tokenizer), and the id that ends a
+    document."""
+    tokenizer = load_tokenizer(directory)
+    return tokenizer, special_tokens(directory, tokenizer).document_end
 
 
 @dataclass
@@ -135,7 +134,7 @@ def run(params: TokenizeParams, root: Path) -> dict[str, int | float]:
     root = Path(root)
     source_dir = root / DEDUP_DIR
     tokenizer_path = root / TOKENIZER_DIR / TOKENIZER_FILE
-    tokenizer, eos_id = load_with_eos(tokenizer_path)
+    tokenizer, eos_id = load_with_eos(root / TOKENIZER_DIR)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab_size)
     eos = np.array([eos_id], dtype)
@@ -179,7 +178,7 @@ def run(params: TokenizeParams, root: Path) -> dict[str, int | float]:
                 "dtype": dtype.name,
                 "vocab_size": vocab_size,
                 "eos_id": eos_id,
-                "eos_token": EOS_TOKEN,
+                "eos_token": tokenizer.id_to_token(eos_id),
                 "tokenizer_md5": file_md5(tokenizer_path),
                 "val_fraction": params.val_fraction,
                 "seed": params.seed,

@@ -1,5 +1,9 @@
 """Stage `tokenizer`: train a byte-level BPE tokenizer on data/dedup/ and compare tokenizer families.
 
+0. With a pretrained base (models/init/ from `pretrain.init`), its tokenizer is adopted instead: the
+   model's embeddings are indexed by its ids, so the corpus must be encoded with it. Nothing is trained;
+   its files are copied to models/tokenizer/ and measured on the holdout like a trained one (and the
+   family comparison still runs when enabled, to show what a tokenizer trained on this corpus would do).
 1. Train: HF `tokenizers` byte-level BPE (GPT-4 style pre-tokenization regex, then bytes → printable
    symbols), no unknown token, no normalizer: every Unicode string round-trips exactly,
    `decode(encode(x)) == x`. The corpus is streamed batch by batch (each document cut to
@@ -27,6 +31,7 @@ With transformers, tokenizer_config.json sets `split_special_tokens: true`, whic
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,10 +47,12 @@ from model.tokens import (
     PAD_TOKEN,
     ROLES,
     TOKENIZER_FILE,
+    TOKENIZER_FILES,
     for_ordinary_text,
+    load_tokenizer,
 )
 from tasks.core.io import atomic_dir, hash_fraction, iter_batches, write_json
-from tasks.core.layout import DEDUP_DIR, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR
+from tasks.core.layout import DEDUP_DIR, INIT_DIR, PLOTS_DIR, REPORTS_DIR, TOKENIZER_DIR
 from tasks.core.params import ParamsError, StageParams
 from tasks.data.tokenizer_families import (
     COMPARISON_COLUMNS,
@@ -248,31 +255,48 @@ def train(directory: Path, p: TokenizerParams, stats: CorpusStats | None = None)
     return for_ordinary_text(tokenizer)
 
 
+def adopt(base: Path, corpus: Path, directory: Path, p: TokenizerParams, stats: CorpusStats) -> Tokenizer:
+    """The pretrained base's tokenizer files copied to `directory`; the corpus is only counted."""
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, directory / name)
+    for _ in text_batches(corpus, p, stats=stats):
+        pass
+    return load_tokenizer(directory)
+
+
 def run(params: TokenizerParams, root: Path) -> dict[str, int | float]:
-    """Read data/dedup/, write models/tokenizer/ (+ comparison reports), return metrics."""
+    """Read data/dedup/ (and models/init/), write models/tokenizer/ (+ comparison reports), return metrics."""
     source = root / DEDUP_DIR
+    base = root / INIT_DIR
+    adopted = (base / TOKENIZER_FILE).is_file()
     stats = CorpusStats()
     start = time.perf_counter()
-    tokenizer = train(source, params, stats)
+    with atomic_dir(root / TOKENIZER_DIR) as tmp:
+        if adopted:
+            tokenizer = adopt(base, source, tmp, params, stats)
+        else:
+            tokenizer = train(source, params, stats)
+            save_tokenizer(tokenizer, tmp, params)
+        if stats.docs == 0 or stats.chars == 0:
+            raise ValueError(f"{source}: no text to train a tokenizer on (0 non-empty documents)")
     train_seconds = time.perf_counter() - start
-    if stats.docs == 0 or stats.chars == 0:
-        raise ValueError(f"{source}: no text to train a tokenizer on (0 non-empty documents)")
     actual = tokenizer.get_vocab_size(with_added_tokens=True)
-    if actual < params.vocab_size:
+    if adopted:
+        print(f"tokenizer: adopted the pretrained base's tokenizer ({actual:,} tokens) from {base}")
+    elif actual < params.vocab_size:
         print(
             f"tokenizer: warning: the corpus ({stats.docs} documents, {stats.chars} characters) only "
             f"supports {actual} tokens at min_frequency={params.min_frequency}, fewer than "
             f"tokenizer.vocab_size={params.vocab_size}; using {actual}"
         )
 
-    with atomic_dir(root / TOKENIZER_DIR) as tmp:
-        save_tokenizer(tokenizer, tmp, params)
-
     holdout = collect_holdout(source, params)
     if not holdout:  # tiny corpus: no document fell in the holdout; evaluate on a few training docs
         holdout = next(text_batches(source, params), [])[:10]
     main = measure_tokenizer(tokenizer, None, holdout)
     metrics: dict[str, int | float] = {
+        "adopted": int(adopted),  # 1: the pretrained base's tokenizer, not trained here
         "vocab_size": actual,
         "vocab_size_requested": params.vocab_size,
         "docs": stats.docs,

@@ -158,7 +158,8 @@ def test_an_architecture_without_a_transformers_twin_saves_llmpipe_names(tmp_pat
 
 def test_prompt_tokens_contribute_no_loss(chat_tokenizer) -> None:
     _, tokenizer = chat_tokenizer
-    examples = [chat.encode(tokenizer, CHAT_MESSAGES), chat.encode(tokenizer, CHAT_MESSAGES[1:])]
+    template = chat.LLMPIPE_TEMPLATE
+    examples = [template.encode(tokenizer, CHAT_MESSAGES), template.encode(tokenizer, CHAT_MESSAGES[1:])]
     batches = ExampleBatches(examples, pad_id=tokenizer.token_to_id("<|pad|>"))
     x, y = batches.sample_batch(4, 64, BatchCursor(0, 0))
     config = GPTConfig(vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_embd=16, block_size=64)

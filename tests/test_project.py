@@ -30,17 +30,22 @@ def test_every_stage_is_declared_once_with_its_own_params_and_metrics() -> None:
     assert list(declared) == list(STAGES)
     for name, spec in declared.items():
         assert spec["cmd"] == f"llmpipe stage {name}"
-        assert spec["params"] == [name, *EXTRA_PARAMS.get(name, [])]
+        stage = STAGES[name]
+        own = [f"{stage.params_section}.{key}" for key in stage.keys] if stage.keys else [name]
+        assert spec["params"] == [*own, *EXTRA_PARAMS.get(name, [])]
         assert f"tasks/{name}.py" in spec["deps"]
         assert [next(iter(m)) for m in spec["metrics"]] == [f"metrics/{name}.json"]
         assert all(m[f"metrics/{name}.json"]["cache"] is False for m in spec["metrics"])
-        load_section(STAGES[name].params_class, name, REPO / "params.yaml")  # defaults parse cleanly
+        if not stage.keys:
+            load_section(stage.params_class, name, REPO / "params.yaml")  # defaults parse cleanly
 
 
 def test_each_stage_reads_what_an_earlier_one_writes() -> None:
     declared = dvc_stages()
     names = list(declared)
-    for position, downstream in enumerate(names[1:], start=1):
+    sources = ("init", "ingest")  # read only the project's inputs: the base checkpoint, the corpus
+    assert names[: len(sources)] == list(sources)
+    for position, downstream in enumerate(names[len(sources) :], start=len(sources)):
         outputs = [out for upstream in names[:position] for out in declared[upstream]["outs"]]
         deps = declared[downstream]["deps"]
         assert any(dep == out or dep.startswith(f"{out}/") for dep in deps for out in outputs), downstream

@@ -17,7 +17,7 @@ from typing import Any
 from tasks.core import tracking
 from tasks.core.io import read_json, write_json
 from tasks.core.layout import METRICS_DIR, PARAMS_FILE
-from tasks.core.params import ParamsError, load_section, parse_section
+from tasks.core.params import ParamsError, load_params_file, parse_section
 from tasks.core.stages import INPUT_ERROR_EXIT, STAGES
 
 
@@ -31,7 +31,9 @@ def run_stage(name: str, root: Path, track: bool = True) -> dict[str, Any]:
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     stage = STAGES[name]
-    params: Any = load_section(stage.params_class, name, root / PARAMS_FILE)
+    params: Any = parse_section(
+        stage.params_class, stage.params_section, stage.settings(load_params_file(root / PARAMS_FILE))
+    )
     if getattr(params, "nproc", 1) > 1 and "RANK" not in os.environ:
         return launch_torchrun(name, root, params.nproc)
     if not track or not is_main_process():
@@ -74,8 +76,8 @@ def launch_torchrun(name: str, root: Path, nproc: int) -> dict[str, Any]:
 
 def validate_params(params: dict[str, Any]) -> None:
     """Parse every implemented stage's section of a params.yaml mapping; raise ParamsError if one is bad."""
-    for name, stage in STAGES.items():
-        section = params.get(name)
+    for stage in STAGES.values():
+        section = stage.settings(params)
         if section is None:
-            raise ParamsError(f"params.yaml: section '{name}' is missing")
-        parse_section(stage.params_class, name, section)
+            raise ParamsError(f"params.yaml: section '{stage.params_section}' is missing")
+        parse_section(stage.params_class, stage.params_section, section)

@@ -2,8 +2,8 @@
 
 - `domain_data`: data/domain/'s token shards (the `domain` stage); each batch row is drawn from the
   general corpus instead with probability `general_fraction` (replay, against forgetting).
-- `sft_data`: JSONL pairs rendered with the chat template (model/chat.py), the loss on the response
-  tokens (and its closing <|eos|>) only; held out by a seeded hash of the prompt. A row that cannot be
+- `sft_data`: JSONL pairs rendered with the base's chat template (model/chat.py), the loss on the
+  response tokens (and the token closing its turn) only; held out by a seeded hash of the prompt. A row that cannot be
   used (not JSON, a field missing, a prompt longer than the context) is kept with the reason instead.
 """
 
@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model import chat
+from model.chat import ChatTemplate
 from model.data import ExampleBatches, MixedBatches, TokenShards
-from model.tokens import PAD_TOKEN
 from tasks.core.io import file_md5, hash_fraction
 from tasks.core.layout import DOMAIN_DIR, TOKENS_DIR
 
@@ -59,6 +58,8 @@ def domain_data(root: Path, tokenizer_md5: str, context: int, general_fraction: 
 def sft_data(
     path: Path,
     tokenizer: Any,
+    template: ChatTemplate,
+    pad_id: int,
     context: int,
     *,
     prompt_field: str,
@@ -67,10 +68,8 @@ def sft_data(
     val_fraction: float,
     seed: int,
 ) -> TaskData:
-    """Encode the pairs with the chat template (padded with <|pad|>, else <|eos|>); quarantine rows that
-    cannot be used, with the reason."""
-    pad_id = tokenizer.token_to_id(PAD_TOKEN)
-    pad_id = chat.special_ids(tokenizer)["eos"] if pad_id is None else pad_id
+    """Encode the pairs with the chat template (batches padded with `pad_id`: no loss falls on it);
+    quarantine rows that cannot be used, with the reason."""
     splits: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "val": []}
     quarantine: list[dict[str, Any]] = []
     truncated = 0
@@ -84,7 +83,7 @@ def sft_data(
                     {"role": "user", "content": pair[0]},
                     {"role": "assistant", "content": pair[1]},
                 ]
-                ids, mask = chat.encode(tokenizer, messages)
+                ids, mask = template.encode(tokenizer, messages)
                 if int(np.argmax(mask)) >= context:  # the first learned token lies beyond the context
                     reason = f"the prompt alone exceeds the context ({context} tokens)"
             if reason:
