@@ -9,6 +9,7 @@ llmpipe compare [RUN_ID ...] [--last N] [--metric val_bpb] [--promote]   # model
 llmpipe plan [--flops 1e18 | --gpu h100 --gpus 8 --hours 24 --mfu 0.4] [--price 2.5] [--json]
 llmpipe deps [--write]       # dvc.yaml code deps vs the import graph
 llmpipe export-hf CHECKPOINT OUT_DIR   # a transformers directory (GPT-2 or Llama layout)
+llmpipe pull smollm2         # fetch a pretrained base into the local cache once (then pretrain.init: smollm2)
 llmpipe generate --prompt "The movie was full of" [--strategy greedy|beam|sample] [--show-probs] ...
 llmpipe chat [--system "You are terse."] [--adapter models/lora]   # /reset, /quit
 """

@@ -171,9 +171,10 @@ def plan(
 ) -> None:
     """Plan a training run for a compute budget: model shape, tokens, time, cost, data check.
 
-    Starts from the project's params.yaml (plan) when run inside one; options override."""
+    Starts from the project's params.yaml (plan) when run inside one, and plans continued pretraining
+    when the project's `init` stage imported a pretrained base; options override."""
     from tasks.core.params import ParamsError, load_params_file, parse_section
-    from tasks.plan import PlanParams, make_plan, read_token_counts, summary_rows
+    from tasks.plan import PlanParams, make_plan, read_base, read_token_counts, summary_rows
     from tasks.tokenizer import TokenizerParams
 
     try:
@@ -194,7 +195,8 @@ def plan(
             vocab = parse_section(TokenizerParams, "tokenizer", params.get("tokenizer")).vocab_size
         if tokens is None and counts is not None:
             tokens = counts.train_tokens
-        result = make_plan(settings, vocab, tokens, state_dir(root) if root else None)
+        base = read_base(root) if root else None  # the project's pretrained base, once imported
+        result = make_plan(settings, vocab, tokens, state_dir(root) if root else None, base)
     except ParamsError as err:
         fail(err, USAGE_ERROR_EXIT)
     if as_json:

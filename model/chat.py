@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -60,7 +60,11 @@ class ChatTemplate:
     @classmethod
     def load(cls, directory: Path) -> ChatTemplate | None:
         """The chat template of a tokenizer directory (tokenizer_config.json), None when it has none."""
-        config = tokenizer_config(directory)
+        return cls.of(tokenizer_config(directory))
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> ChatTemplate | None:
+        """The chat template in a tokenizer_config.json mapping, None when it has none."""
         source = config.get("chat_template")
         if isinstance(source, list):  # transformers' named templates: [{"name": "default", "template": ...}]
             source = next((t["template"] for t in source if t.get("name") == "default"), None)

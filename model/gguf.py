@@ -41,7 +41,7 @@ from tokenizers.models import BPE
 
 from model.config import GPTConfig
 from model.gpt import GPT
-from model.tokens import TOKENIZER_FILE, byte_decoder
+from model.tokens import TOKENIZER_FILE
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -149,12 +149,7 @@ def _open(path: Path) -> GGUFReader:
         raise FileNotFoundError(f"{path}: no such GGUF file")
     try:
         return GGUFReader(path)
-    except (
-        ValueError,
-        IndexError,
-        KeyError,
-        OverflowError,
-    ) as error:  # what a bad header or a cut file raises
+    except (ValueError, IndexError) as error:  # what GGUFReader raises on a foreign or cut-off file
         raise ValueError(f"{path}: not a readable GGUF file (truncated?): {error}") from error
 
 
@@ -197,10 +192,16 @@ def _config(path: Path, fields: dict[str, Any], tensors: dict[str, ReaderTensor]
         n_head=n_head, n_embd=n_embd, block_size=key("context_length"),
         n_kv_head=key("attention.head_count_kv", n_head), mlp_hidden=key("feed_forward_length"),
         bias=any(name.startswith("blk.") and name.endswith(".bias") for name in tensors),
-        tie_embeddings="output.weight" not in tensors, rope_theta=float(key("rope.freq_base", 10000.0)),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in tensors, rope_theta=_decimal(key("rope.freq_base", 10000.0)),
+        norm_eps=_decimal(key("attention.layer_norm_rms_epsilon")),
         sliding_window=fields.get(f"{arch}.attention.sliding_window"),
     )  # fmt: skip
+
+
+def _decimal(value: float) -> float:
+    """The shortest decimal a float32 metadata value reads as (1e-06, not 9.999999974752427e-07): the
+    same float32, so the same function, and the number the model's authors wrote."""
+    return float(str(np.float32(value)))
 
 
 def llmpipe_name(name: str) -> str | None:
@@ -302,11 +303,11 @@ def _byte_level_bpe(path: Path, fields: dict[str, Any]) -> Tokenizer:
         raise ValueError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported ({supported})")
     if "tokenizer.ggml.merges" not in fields:
         raise ValueError(f"{path}: a byte-level BPE tokenizer without tokenizer.ggml.merges")
-    symbol = {byte: char for char, byte in byte_decoder().items()}
-    alphabet = set(symbol.values())
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokens = fields["tokenizer.ggml.tokens"]
     vocab = {
-        token if set(token) <= alphabet else "".join(symbol[b] for b in token.encode("utf-8")): index
+        token if set(token) <= alphabet else "".join(s for s, _ in to_bytes.pre_tokenize_str(token)): index
         for index, token in enumerate(tokens)
     }
     merges = [tuple(merge.split(" ")) for merge in fields["tokenizer.ggml.merges"]]

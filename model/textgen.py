@@ -1,6 +1,6 @@
 """A trained model and its tokenizer: text in, text out.
 
-    generator = load_generator(Path("models/base"), adapter=Path("models/lora"))
+    generator = load_generator(Path("models/base"), adapter=Path("models/lora"))   # or a .gguf, an HF dir
     result = generator.generate("The movie was full of", GenerationConfig(strategy="beam"))
     for step in generator.stream("Once upon", GenerationConfig(strategy="sample", seed=1)): ...
 
@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer
 
 from model.chat import ChatTemplate
-from model.tokens import TOKENIZER_FILE, SpecialTokens, load_tokenizer, special_tokens
+from model.tokens import (
+    TOKENIZER_FILE,
+    SpecialTokens,
+    for_ordinary_text,
+    load_tokenizer,
+    named_specials,
+    special_tokens,
+)
 
 if TYPE_CHECKING:
     from model.generate import Generation, GenerationConfig, Step
@@ -99,15 +106,42 @@ class Generator:
 def load_generator(
     checkpoint: Path, adapter: Path | None = None, tokenizer: Path | None = None, device: str = "cpu"
 ) -> Generator:
-    """models/base (or a training checkpoint) plus an optional LoRA adapter (models/lora). The tokenizer
-    comes from `tokenizer`, else from the first of checkpoint and adapter that holds tokenizer.json."""
-    from model.checkpoint import load_checkpoint
+    """A model plus an optional LoRA adapter (models/lora). `checkpoint` is models/base (or a training
+    checkpoint), a `.gguf` file, or a Hugging Face model directory (GPT-2, Llama, Mistral). The tokenizer
+    comes from `tokenizer`, else from the first of checkpoint and adapter that holds tokenizer.json (a
+    GGUF file carries its own)."""
     from model.lora import load_adapter
 
-    model = load_checkpoint(Path(checkpoint))
+    checkpoint = Path(checkpoint)
+    if checkpoint.suffix == ".gguf":
+        from model.gguf import read_gguf
+
+        gguf = read_gguf(checkpoint)
+        model = gguf.model()
+        generator = Generator(
+            model, for_ordinary_text(gguf.tokenizer), named_specials(gguf.tokenizer, gguf.tokenizer_config),
+            ChatTemplate.of(gguf.tokenizer_config),
+        )  # fmt: skip
+    else:
+        model = _load_directory(checkpoint)
+        if tokenizer is None:
+            holders = [Path(d) for d in (checkpoint, adapter) if d is not None]
+            tokenizer = next((d for d in holders if (d / TOKENIZER_FILE).is_file()), checkpoint)
+        generator = Generator.load(model, tokenizer)
     if adapter is not None:
         load_adapter(model, Path(adapter))
-    if tokenizer is None:
-        holders = [Path(d) for d in (checkpoint, adapter) if d is not None]
-        tokenizer = next((d for d in holders if (d / TOKENIZER_FILE).is_file()), Path(checkpoint))
-    return Generator.load(model.to(device).eval(), tokenizer)
+    generator.model = model.to(device).eval()
+    return generator
+
+
+def _load_directory(directory: Path) -> GPT:
+    """llmpipe's checkpoint directories (config.json is a GPTConfig), else a transformers one."""
+    import json
+
+    from model.checkpoint import load_checkpoint
+    from model.hf import load_hf
+
+    config = directory / "config.json"
+    if config.is_file() and "model_type" in json.loads(config.read_text(encoding="utf-8")):
+        return load_hf(directory)
+    return load_checkpoint(directory)

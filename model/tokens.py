@@ -70,14 +70,23 @@ def token_text(value: Any) -> str | None:
 
 
 def special_tokens(directory: Path, tokenizer: Tokenizer | None = None) -> SpecialTokens:
-    """The special tokens named in `directory`'s tokenizer_config.json; ValueError naming the directory
-    when there is nothing to end a document with."""
+    """The special tokens named in `directory`'s tokenizer_config.json (`named_specials`)."""
     directory = Path(directory)
     tokenizer = tokenizer or load_tokenizer(directory)
-    config = tokenizer_config(directory)
+    try:
+        return named_specials(tokenizer, tokenizer_config(directory))
+    except ValueError as err:
+        raise ValueError(f"{directory}: {err}") from None
+
+
+def named_specials(tokenizer: Tokenizer, config: dict[str, Any]) -> SpecialTokens:
+    """The special tokens a tokenizer_config.json mapping names, as ids of `tokenizer` (a key it lacks:
+    llmpipe's spelling, `<|eos|>`, when the vocabulary has it); ValueError when there is nothing to end a
+    document with."""
+    llmpipe = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}
 
     def token_id(key: str) -> int | None:
-        text = token_text(config.get(key))
+        text = token_text(config.get(key, llmpipe[key]))
         return None if text is None else tokenizer.token_to_id(text)
 
     bos, eos, pad = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
@@ -86,8 +95,8 @@ def special_tokens(directory: Path, tokenizer: Tokenizer | None = None) -> Speci
     document_end = end_of_text if end_of_text is not None else eos
     if document_end is None:
         raise ValueError(
-            f"{directory}: the tokenizer names no eos_token in {TOKENIZER_CONFIG_FILE} and has no "
-            f"{END_OF_TEXT}: nothing can separate documents"
+            f"no eos token: {TOKENIZER_CONFIG_FILE} names none and the vocabulary has neither {EOS_TOKEN} "
+            f"nor {END_OF_TEXT}, so nothing can separate documents"
         )
     return SpecialTokens(bos=bos, eos=eos, pad=pad, document_end=document_end)
 
@@ -101,7 +110,7 @@ def for_ordinary_text(tokenizer: Tokenizer) -> Tokenizer:
 def load_tokenizer(path: Path) -> Tokenizer:
     """tokenizer.json (or the directory holding it), safe for ordinary text (`for_ordinary_text`)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer (run the `tokenizer` stage first)")

@@ -258,15 +258,19 @@ def read_token_counts(root: Path) -> TokenCounts | None:
     return TokenCounts(meta["vocab_size"], meta["splits"]["train"]["tokens"])
 
 
+def read_base(root: Path) -> dict[str, Any] | None:
+    """models/init/source.json when the init stage imported a pretrained base; None for scratch."""
+    source = read_json(root / INIT_SOURCE) if (root / INIT_SOURCE).is_file() else {}
+    return source if source.get("kind", "scratch") != "scratch" else None
+
+
 def run(params: PlanParams, root: Path) -> dict[str, int | float]:
     """Read data/tokens/meta.json + params (plan, plan.model), write models/plan.json and reports."""
     root = Path(root)
     counts = read_token_counts(root)
     if counts is None:
         raise FileNotFoundError(f"{root / TOKEN_META}: no token shards (run the tokenize stage)")
-    source = read_json(root / INIT_SOURCE) if (root / INIT_SOURCE).is_file() else {}
-    base = source if source.get("kind", "scratch") != "scratch" else None
-    plan = make_plan(params, counts.vocab_size, counts.train_tokens, state_dir(root), base)
+    plan = make_plan(params, counts.vocab_size, counts.train_tokens, state_dir(root), read_base(root))
     for warning in plan["warnings"]:
         print(f"plan: warning: {warning}")
     write_json(root / PLAN_FILE, buildable(plan))

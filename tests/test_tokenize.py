@@ -287,6 +287,6 @@ def test_bad_params_and_missing_tokenizer(tmp_path: Path, corpus: tuple[Path, li
 
     bad.parent.mkdir(parents=True)
     Tokenizer(models.BPE()).save(str(bad))
-    with pytest.raises(ValueError, match=r"tokenizer\.json.*<\|eos\|>"):
+    with pytest.raises(ValueError, match=r"models/tokenizer: no eos token.*<\|eos\|>"):
         run(TokenizeParams(), tmp_path)
     assert not (tmp_path / TOKENS_DIR).exists()  # nothing half-written
