@@ -75,15 +75,17 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The conversation as text: what `apply_chat_template(..., tokenize=False)` returns."""
-        from transformers.utils.chat_template_utils import render_jinja_template
+        from transformers.utils import chat_template_utils
 
-        rendered, _ = render_jinja_template(
+        # transformers' own renderer (its sandbox, filters and globals); it returns (texts, indices)
+        render: Any = chat_template_utils.render_jinja_template
+        rendered, _ = render(
             conversations=[[dict(m) for m in messages]],
             chat_template=self.source,
             add_generation_prompt=add_generation_prompt,
             **self.tokens,
         )
-        return rendered[0]
+        return str(rendered[0])
 
     def _pieces(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool

@@ -4,9 +4,10 @@
     model = load_gguf(Path("SmolLM2-135M-Instruct.Q4_1.gguf"))        # a GPT in eval mode
     import_gguf(Path("SmolLM2-135M-Instruct.Q4_1.gguf"), Path("models/base"))  # what load_checkpoint reads
 
-- Only llama.cpp's "llama" architecture has an exact twin in llmpipe's GPT (rope in transformers'
-  rotate_half layout, RMSNorm, SwiGLU, grouped-query attention); anything else, rope scaling, a head
-  width other than n_embd / n_head, or a mixture of experts is refused with an error naming the file.
+- Only llama.cpp's "llama" architecture (Mistral's files say "llama" too) has an exact twin in llmpipe's
+  GPT (rope in transformers' rotate_half layout, RMSNorm, SwiGLU, grouped-query attention); anything
+  else, rope scaling, a head width other than n_embd / n_head, or a mixture of experts is refused with
+  an error naming the file. A sliding window is taken from the metadata where it states one.
 - Quantized tensors are dequantized to fp32 by the gguf package's own `gguf.quants.dequantize`, so every
   type it knows is read (F32, F16, BF16, Q4_0 … Q8_0, the K-quants, ...); an error names the tensor and
   type it does not know. The result is the quantized model's function, not the original fp16 one.
@@ -92,6 +93,12 @@ class GGUFCheckpoint:
     tokenizer_config: dict[str, Any]  # what tokenizer_config.json holds
     metadata: dict[str, Any]  # name, architecture, quantization, special ids, ... (for reports)
 
+    def model(self) -> GPT:
+        """The checkpoint as llmpipe's GPT (fp32, eval mode)."""
+        model = GPT(self.config)
+        model.load_state_dict(self.state, strict=not self.config.tie_embeddings)
+        return model.eval()
+
 
 def read_gguf(path: Path) -> GGUFCheckpoint:
     """Config, fp32 weights under llmpipe's names, tokenizer and a summary of a llama-architecture GGUF."""
@@ -100,8 +107,8 @@ def read_gguf(path: Path) -> GGUFCheckpoint:
     fields = {name: field.contents() for name, field in reader.fields.items()}
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     config = _config(path, fields, tensors)
+    tokenizer, tokenizer_config = _tokenizer(path, fields, config)  # before the slow part, to fail fast
     state = _state(path, config, tensors)
-    tokenizer, tokenizer_config = _tokenizer(path, fields, config)
     metadata = {
         "file": str(path),
         "name": fields.get("general.name"),
@@ -119,19 +126,19 @@ def read_gguf(path: Path) -> GGUFCheckpoint:
 
 def load_gguf(path: Path) -> GPT:
     """The GGUF's model as llmpipe's GPT (fp32, eval mode)."""
-    return _model(read_gguf(path))
+    return read_gguf(path).model()
 
 
-def import_gguf(path: Path, out: Path) -> GPTConfig:
+def import_gguf(path: Path, out: Path) -> GGUFCheckpoint:
     """Write the GGUF as an llmpipe model directory into `out` (which exists): config.json and
     model.safetensors (what `load_checkpoint` reads), tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json (what `AutoTokenizer.from_pretrained` reads)."""
+    special_tokens_map.json (what `AutoTokenizer.from_pretrained` reads). Returns what was read."""
     checkpoint = read_gguf(path)
     out = Path(out)
     (out / "config.json").write_text(
         json.dumps(checkpoint.config.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
-    save_model(_model(checkpoint), str(out / "model.safetensors"))
+    save_model(checkpoint.model(), str(out / "model.safetensors"))
     checkpoint.tokenizer.save(str(out / TOKENIZER_FILE))
     special = {
         key: checkpoint.tokenizer_config[key] for key in _SPECIAL_KEYS if key in checkpoint.tokenizer_config
@@ -141,7 +148,7 @@ def import_gguf(path: Path, out: Path) -> GPTConfig:
         ("special_tokens_map.json", special),
     ):
         (out / name).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return checkpoint.config
+    return checkpoint
 
 
 def _open(path: Path) -> GGUFReader:
@@ -154,9 +161,11 @@ def _open(path: Path) -> GGUFReader:
 
 
 def _file_type(value: int | None) -> str | None:
-    if value is None:
-        return None
-    return LlamaFileType(value).name if value in LlamaFileType._value2member_map_ else str(value)
+    """general.file_type's name (MOSTLY_Q4_1): what most of the weights are quantized to."""
+    try:
+        return None if value is None else LlamaFileType(value).name
+    except ValueError:  # a type newer than this gguf package
+        return str(value)
 
 
 def _config(path: Path, fields: dict[str, Any], tensors: dict[str, ReaderTensor]) -> GPTConfig:
@@ -176,9 +185,10 @@ def _config(path: Path, fields: dict[str, Any], tensors: dict[str, ReaderTensor]
         return value
 
     n_head, n_embd = key("attention.head_count"), key("embedding_length")
-    scaling = fields.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in tensors:
-        raise ValueError(f"{path}: rope scaling ({scaling}, or rope_freqs.weight factors) is not supported")
+    if (scaling := fields.get(f"{arch}.rope.scaling.type", "none")) != "none":
+        raise ValueError(f"{path}: rope scaling {scaling!r} ({arch}.rope.scaling.type) is not supported")
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"{path}: rope scaling by frequency factors (rope_freqs.weight) is not supported")
     if fields.get(f"{arch}.expert_count", 0):
         raise ValueError(f"{path}: a mixture of experts ({arch}.expert_count) is not supported")
     for name in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
@@ -186,9 +196,10 @@ def _config(path: Path, fields: dict[str, Any], tensors: dict[str, ReaderTensor]
             raise ValueError(
                 f"{path}: {arch}.{name} = {key(name)} ≠ embedding_length / head_count = {n_embd // n_head}"
             )
-    tokens = fields.get("tokenizer.ggml.tokens")
+    if "tokenizer.ggml.tokens" not in fields:
+        raise ValueError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.tokens)")
     return GPTConfig(
-        vocab_size=len(tokens) if tokens is not None else key("vocab_size"), n_layer=key("block_count"),
+        vocab_size=len(fields["tokenizer.ggml.tokens"]), n_layer=key("block_count"),
         n_head=n_head, n_embd=n_embd, block_size=key("context_length"),
         n_kv_head=key("attention.head_count_kv", n_head), mlp_hidden=key("feed_forward_length"),
         bias=any(name.startswith("blk.") and name.endswith(".bias") for name in tensors),
@@ -262,10 +273,7 @@ def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _tokenizer(path: Path, fields: dict[str, Any], config: GPTConfig) -> tuple[Tokenizer, dict[str, Any]]:
     """The tokenizer and its tokenizer_config.json, as transformers builds them from this metadata."""
-    tokens = fields.get("tokenizer.ggml.tokens")
-    kind = fields.get("tokenizer.ggml.model")
-    if tokens is None:
-        raise ValueError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.tokens)")
+    tokens, kind = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.model")
     if kind == "gpt2":
         tokenizer = _byte_level_bpe(path, fields)
     elif kind == "llama":
@@ -354,9 +362,3 @@ def _template(special: dict[str, str], tokenizer: Tokenizer, add_bos: bool, add_
     pair = " ".join([single, *(f"{t}:1" for t in bos), "$B:1", *(f"{t}:1" for t in eos)])
     ids = [(token, tokenizer.token_to_id(token)) for token in bos + eos]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=ids)
-
-
-def _model(checkpoint: GGUFCheckpoint) -> GPT:
-    model = GPT(checkpoint.config)
-    model.load_state_dict(checkpoint.state, strict=not checkpoint.config.tie_embeddings)
-    return model.eval()

@@ -2,6 +2,8 @@
 
 1. Perplexity and bits per byte on the validation split (data/tokens val), scored with strided sliding
    windows (model/perplexity.py); bits per byte is tokenizer-independent (special tokens count 0 bytes).
+   The start of the split is scored up to `max_bytes` of text, so models with different tokenizers (a
+   from-scratch run, a pretrained base) are scored on the same bytes.
 2. Unigram, bigram and trigram baselines with add-k smoothing (model/ngram.py), trained on the training
    split and scored on exactly the same tokens, in bits per byte.
 3. With a LoRA adapter (models/lora) and the domain corpus (data/domain), the domain validation split
@@ -59,7 +61,7 @@ STRATEGIES: tuple[tuple[str, dict[str, Any]], ...] = (
 @dataclass
 class EvaluateParams(StageParams):
     stride: int | None = None  # sliding-window stride in tokens; null: half the context
-    max_tokens: int = 200_000  # score at most this many validation tokens (the start of the split)
+    max_bytes: int = 200_000  # score the start of the validation split, this many bytes of text
     ngram_k: float = 0.01  # add-k smoothing of the n-gram baselines
     prompts: list[str] = field(
         default_factory=lambda: ["The movie was full of", "ROMEO.", "In the beginning"]
@@ -76,9 +78,9 @@ class EvaluateParams(StageParams):
     def validate(self) -> None:
         if self.stride is not None and self.stride < 1:
             raise ParamsError(f"params.yaml: evaluate.stride must be ≥ 1 or null, got {self.stride}")
-        if self.max_tokens < 2 or self.max_new_tokens < 1 or self.ngram_k <= 0:
+        if self.max_bytes < 1 or self.max_new_tokens < 1 or self.ngram_k <= 0:
             raise ParamsError(
-                "params.yaml: evaluate.max_tokens ≥ 2, max_new_tokens ≥ 1 and ngram_k > 0 needed"
+                "params.yaml: evaluate.max_bytes ≥ 1, max_new_tokens ≥ 1 and ngram_k > 0 needed"
             )
         if not self.prompts:
             raise ParamsError("params.yaml: evaluate.prompts is empty")
@@ -90,11 +92,24 @@ class EvaluateParams(StageParams):
                 )
 
 
-def _split_tokens(directory: Path, split: str, limit: int) -> np.ndarray:
+def _split_tokens(directory: Path, split: str, max_bytes: int | None, sizes: np.ndarray) -> np.ndarray:
+    """The split's tokens from the start, as many as hold at most `max_bytes` bytes of text (all: None).
+    Read shard by shard, so memory follows what is kept, not the split."""
     from model.data import TokenShards
 
     shards = TokenShards(directory, split)
-    return shards.tokens(0, min(len(shards), limit)).astype(np.int64)
+    kept, total = [], 0
+    for start in range(0, len(shards), 1 << 20):
+        chunk = shards.tokens(start, min(1 << 20, len(shards) - start)).astype(np.int64)
+        if max_bytes is not None:
+            ends = total + np.cumsum(sizes[chunk])
+            count = int(np.searchsorted(ends, max_bytes, side="right"))
+            if count < len(chunk):
+                kept.append(chunk[:count])
+                break
+            total = int(ends[-1]) if len(ends) else total
+        kept.append(chunk)
+    return np.concatenate(kept) if kept else np.empty(0, np.int64)
 
 
 def distinct(ids: list[int], n: int) -> float:
@@ -135,7 +150,7 @@ def validation_metrics(
     generator: Generator, root: Path, params: EvaluateParams, sizes: np.ndarray
 ) -> dict[str, Any]:
     """The model and the n-gram baselines on the validation split ({} when it has under 2 tokens)."""
-    val = _split_tokens(root / TOKENS_DIR, "val", params.max_tokens)
+    val = _split_tokens(root / TOKENS_DIR, "val", params.max_bytes, sizes)
     if len(val) < 2:
         return {}
     scored = strided_nll(generator.model, val, params.stride)
@@ -144,8 +159,9 @@ def validation_metrics(
         "val_perplexity": round(math.exp(min(scored.mean, 50)), 3),
         "val_bpb": round(scored.bits_per_byte(sizes, val), 5),
         "scored_tokens": len(scored.index),
+        "scored_bytes": int(sizes[val[scored.index]].sum()),
     }
-    train = _split_tokens(root / TOKENS_DIR, "train", 1 << 62)
+    train = _split_tokens(root / TOKENS_DIR, "train", None, sizes)
     for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
         baseline = NgramModel(train, n, len(sizes), params.ngram_k, boundary=generator.special.document_end)
         counted = Scored(scored.index, -baseline.log_prob(val, scored.index))  # the same tokens, scored
@@ -161,7 +177,7 @@ def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
     metrics = validation_metrics(generator, root, params, sizes)  # empty: no validation text to score
     domain_tokens = root / DOMAIN_DIR / TOKENS_DIR
     if (root / LORA_DIR / "adapter_config.json").is_file() and (domain_tokens / "meta.json").is_file():
-        domain = _split_tokens(domain_tokens, "val", params.max_tokens)
+        domain = _split_tokens(domain_tokens, "val", params.max_bytes, sizes)
         if len(domain) >= 2:
             adapted = load_adapter(copy.deepcopy(generator.model), root / LORA_DIR).eval()
             for name, model in (("base", generator.model), ("lora", adapted)):

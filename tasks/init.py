@@ -74,7 +74,8 @@ def run(params: InitParams, root: Path) -> dict[str, Any]:
             if source.kind == "gguf":
                 from model.gguf import import_gguf
 
-                config = import_gguf(source.path, out)
+                checkpoint = import_gguf(source.path, out)
+                config, record["gguf"] = checkpoint.config, checkpoint.metadata
             else:
                 config = _import_hf(source, out)
             write_json(out / "config.json", config.to_dict())
@@ -85,7 +86,7 @@ def run(params: InitParams, root: Path) -> dict[str, Any]:
                 "path": str(source.path),
                 "md5": source_md5(source),
                 "bytes": sum(p.stat().st_size for p in [source.path, *source.path.rglob("*")] if p.is_file()),
-                "params": count_params(config)["total"],
+                "params": count_params(config).total,
                 "config": config.to_dict(),
             }
         write_json(out / INIT_SOURCE.name, record)

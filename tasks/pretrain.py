@@ -71,7 +71,8 @@ class PretrainParams(StageParams, LoopSettings, InitSetting):
 
     steps: int | None = None  # optimizer steps; null: the plan's; 0: keep the pretrained base as it is
     batch_size: int | None = None  # sequences per step; null: the plan's
-    lr: float | None = None  # peak learning rate; null: SCRATCH_LR from scratch, CONTINUED_LR for a base
+    # peak learning rate; null: SCRATCH_LR from scratch, CONTINUED_LR for a base (TrainConfig gets a float)
+    lr: float | None = None  # type: ignore[assignment]
     sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO.", "In the beginning"])
     log_model: bool = True  # copy models/base/ into the MLflow run's artifacts
     nproc: int = 1  # processes (GPUs) on this node: > 1 relaunches the stage under torchrun (DDP)

@@ -1,13 +1,16 @@
 """GGUF import: a tiny Llama written like llama.cpp's converter writes one (q/k rows permuted, quantized
-by the gguf package) reads back with transformers' logits and tokenizer; bad files fail naming the file;
-and the real SmolLM2-135M-Instruct Q4_1 file, where present, generates what transformers generates."""
+by the gguf package, a byte-level BPE or SentencePiece vocabulary) reads back with transformers' logits
+and tokenizer; bad files fail naming the file; and the real SmolLM2-135M-Instruct Q4_1 file, where
+present (LLMPIPE_SMOLLM2_GGUF), generates what transformers generates."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.checkpoint import load_checkpoint
 from model.config import GPTConfig
-from model.gguf import PRE_TOKENIZERS, import_gguf, llmpipe_name, load_gguf, read_gguf
+from model.generate import GenerationConfig, generate
+from model.gguf import PRE_TOKENIZERS, GGUFCheckpoint, import_gguf, llmpipe_name, load_gguf, read_gguf
 from model.gpt import GPT
 
 transformers = pytest.importorskip("transformers")
@@ -56,9 +60,22 @@ MESSAGES = [
 GGUF_NAME = "tiny.gguf"
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """A tokenizer as llama.cpp's converter writes it into a GGUF."""
+
+    model: str  # tokenizer.ggml.model
+    tokens: list[str]
+    types: list[int]
+    special_ids: dict[str, int]  # add_{name}_token_id
+    merges: list[str] | None = None  # byte-level BPE
+    scores: list[float] | None = None  # SentencePiece
+
+
 @pytest.fixture(scope="module")
-def bpe() -> Tokenizer:
-    """A small byte-level BPE with ChatML's special tokens."""
+def bpe() -> Vocabulary:
+    """A small byte-level BPE with ChatML's special tokens, plus a user-defined `<think>` and two tokens
+    spelled outside the byte alphabet (transformers respells them; the CONTROL one it skips)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -69,7 +86,26 @@ def bpe() -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(TEXT, trainer)
-    return tokenizer
+    ids = tokenizer.get_vocab()
+    tokens = sorted(ids, key=ids.__getitem__)
+    types = [gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens]
+    tokens += ["<think>", "hello world", "<|tool call|>"]
+    types += [gguf.TokenType.USER_DEFINED, gguf.TokenType.NORMAL, gguf.TokenType.CONTROL]
+    merges = [" ".join(pair) for pair in json.loads(tokenizer.to_str())["model"]["merges"]]
+    special_ids = {"unk": 0, "bos": 1, "eos": 2, "pad": 2}  # SmolLM2's choice
+    return Vocabulary("gpt2", tokens, [int(t) for t in types], special_ids, merges=merges)
+
+
+def sentencepiece_vocabulary() -> Vocabulary:
+    """A SentencePiece-style vocabulary: <unk> <s> </s>, byte fallback pieces, then scored pieces."""
+    words = ["▁the", "▁harbour", "▁town", "▁boats", "▁and", "▁nets", "▁def", "▁return", "▁café", "▁東京"]
+    substrings = {w[i:j] for w in words for i in range(len(w)) for j in range(i + 1, len(w) + 1)}
+    pieces = sorted(substrings, key=lambda piece: (len(piece), piece))
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    return Vocabulary("llama", tokens, [int(t) for t in types], {"unk": 0, "bos": 1, "eos": 2}, scores=scores)
 
 
 def tiny_config(vocab_size: int, **changes: Any) -> GPTConfig:
@@ -88,18 +124,6 @@ def random_model(config: GPTConfig, seed: int = 0) -> GPT:
             if name.endswith("bias") or "norm" in name:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     return model.eval()
-
-
-def gguf_vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[str]]:
-    """Tokens, token types and merges as llama.cpp writes them, plus a user-defined `<think>` and two
-    tokens spelled outside the byte alphabet (transformers respells them; the CONTROL one it skips)."""
-    size = tokenizer.get_vocab_size()
-    tokens = [tokenizer.id_to_token(i) for i in range(size)]
-    types = [gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens]
-    tokens += ["<think>", "hello world", "<|tool call|>"]
-    types += [gguf.TokenType.USER_DEFINED, gguf.TokenType.NORMAL, gguf.TokenType.CONTROL]
-    merges = [" ".join(pair) for pair in json.loads(tokenizer.to_str())["model"]["merges"]]
-    return tokens, [int(t) for t in types], merges
 
 
 def converter_permute(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -135,15 +159,16 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
 def write_gguf(
     path: Path,
     model: GPT,
-    tokenizer: Tokenizer,
+    vocab: Vocabulary,
     quant: Callable[[str], Q] = lambda name: Q.F32,
     arch: str = "llama",
     metadata: dict[str, Any] | None = None,
     tensors: dict[str, np.ndarray | None] | None = None,
-    add_bos: bool = False,
+    add_bos: bool | None = False,
 ) -> Path:
     """A GGUF with the metadata llama.cpp's converter writes for a Llama; `quant(name)` picks each 2-D
-    tensor's type; `metadata` adds keys ({arch} filled in), `tensors` replaces (None: drops) tensors."""
+    tensor's type; `metadata` adds keys ({arch} filled in), `tensors` replaces (None: drops) tensors;
+    `add_bos` None leaves tokenizer.ggml.add_bos_token out."""
     config = model.config
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name("Tiny Llama")
@@ -158,17 +183,18 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(config.head_dim)
-    tokens, types, merges = gguf_vocabulary(tokenizer)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_unk_token_id(0)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(2)
-    writer.add_add_bos_token(add_bos)
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    if vocab.merges is not None:
+        writer.add_tokenizer_pre("smollm")
+        writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    for name, index in vocab.special_ids.items():
+        getattr(writer, f"add_{name}_token_id")(index)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHATML)
     for key, value in (metadata or {}).items():
         key = key.format(arch=arch)
@@ -248,9 +274,9 @@ CASES: dict[str, tuple[Callable[[str], Q], bool]] = {  # name: (each tensor's ty
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_logits_match_transformers_gguf_loader(case: str, bpe: Tokenizer, tmp_path: Path) -> None:
+def test_logits_match_transformers_gguf_loader(case: str, bpe: Vocabulary, tmp_path: Path) -> None:
     quant, tied = CASES[case]
-    config = tiny_config(len(gguf_vocabulary(bpe)[0]), tie_embeddings=tied)
+    config = tiny_config(len(bpe.tokens), tie_embeddings=tied)
     path = write_gguf(tmp_path / GGUF_NAME, random_model(config), bpe, quant)
     ours = load_gguf(path)
     assert ours.config == config and not ours.training
@@ -263,17 +289,20 @@ def test_logits_match_transformers_gguf_loader(case: str, bpe: Tokenizer, tmp_pa
 
     out = tmp_path / "imported"
     out.mkdir()
-    assert import_gguf(path, out) == config
+    assert import_gguf(path, out).config == config
     with torch.no_grad():
         assert max_diff(load_checkpoint(out)(idx)[0], actual) == 0.0
 
 
-def test_f32_file_reads_back_the_exact_weights_biases_included(bpe: Tokenizer, tmp_path: Path) -> None:
-    """The converter's q/k permutation is undone exactly (weights and biases); missing biases are zeros."""
-    config = tiny_config(len(gguf_vocabulary(bpe)[0]), bias=True)
+def test_f32_file_reads_back_the_exact_weights_biases_included(bpe: Vocabulary, tmp_path: Path) -> None:
+    """The converter's q/k permutation is undone exactly (weights and biases); missing biases are zeros;
+    a sliding window in the metadata is the config's."""
+    config = tiny_config(len(bpe.tokens), bias=True)
     model = random_model(config)
-    path = write_gguf(tmp_path / GGUF_NAME, model, bpe, tensors={"blk.1.ffn_up.bias": None})
+    window = {"{arch}.attention.sliding_window": 16}
+    path = write_gguf(tmp_path / GGUF_NAME, model, bpe, metadata=window, tensors={"blk.1.ffn_up.bias": None})
     checkpoint = read_gguf(path)
+    assert checkpoint.config == dataclasses.replace(config, sliding_window=16)
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert checkpoint.state.keys() == expected.keys()
     for name, tensor in expected.items():
@@ -283,32 +312,52 @@ def test_f32_file_reads_back_the_exact_weights_biases_included(bpe: Tokenizer, t
     assert checkpoint.metadata["bos_token_id"] == 1 and checkpoint.metadata["name"] == "Tiny Llama"
 
 
-@pytest.mark.parametrize("add_bos", [False, True])
-def test_imported_tokenizer_encodes_like_transformers(add_bos: bool, bpe: Tokenizer, tmp_path: Path) -> None:
-    config = tiny_config(len(gguf_vocabulary(bpe)[0]))
-    path = write_gguf(tmp_path / GGUF_NAME, random_model(config), bpe, add_bos=add_bos)
-    out = tmp_path / "imported"
+def imported_tokenizers(path: Path, out: Path) -> tuple[Tokenizer, Any, Any]:
+    """(tokenizer.json as written by import_gguf, transformers' GGUF tokenizer, `out` read by
+    transformers), after checking all three encode and decode PROBES alike."""
     out.mkdir()
     import_gguf(path, out)
-    theirs = transformers_tokenizer(path)
     mine = Tokenizer.from_file(str(out / "tokenizer.json"))
+    theirs = transformers_tokenizer(path)
     reloaded = transformers.AutoTokenizer.from_pretrained(out)
     assert json.loads(mine.to_str()) == json.loads(theirs.backend_tokenizer.to_str())
     for text in PROBES:
         expected = theirs(text)["input_ids"]
         assert mine.encode(text).ids == expected, text
         assert reloaded(text)["input_ids"] == expected, text
-        assert reloaded.decode(expected, skip_special_tokens=False) == theirs.decode(expected), text
+        assert reloaded.decode(expected) == theirs.decode(expected), text
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        assert getattr(reloaded, name) == getattr(theirs, name)
+    return mine, theirs, reloaded
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_imported_tokenizer_encodes_like_transformers(add_bos: bool, bpe: Vocabulary, tmp_path: Path) -> None:
+    config = tiny_config(len(bpe.tokens))
+    path = write_gguf(tmp_path / GGUF_NAME, random_model(config), bpe, add_bos=add_bos)
+    mine, theirs, reloaded = imported_tokenizers(path, tmp_path / "imported")
     assert (mine.encode("x").ids[0] == 1) == add_bos
     assert mine.encode("<think>", add_special_tokens=False).ids == [mine.token_to_id("<think>")]
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        assert getattr(reloaded, name) == getattr(theirs, name) is not None
     rendered = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert reloaded.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == rendered
     assert rendered.endswith("<|im_start|>assistant\n")
-    config_json = json.loads((out / "tokenizer_config.json").read_text())
+    config_json = json.loads((tmp_path / "imported" / "tokenizer_config.json").read_text())
     assert config_json["chat_template"] == CHATML and config_json["add_bos_token"] == add_bos
-    assert json.loads((out / "special_tokens_map.json").read_text())["eos_token"] == "<|im_end|>"
+    special_map = json.loads((tmp_path / "imported" / "special_tokens_map.json").read_text())
+    assert special_map == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                           "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>"}  # fmt: skip
+
+
+def test_sentencepiece_tokenizer_is_transformers_own(tmp_path: Path) -> None:
+    vocab = sentencepiece_vocabulary()
+    path = write_gguf(tmp_path / GGUF_NAME, random_model(tiny_config(len(vocab.tokens))), vocab, add_bos=None)
+    mine, _, _ = imported_tokenizers(path, tmp_path / "imported")
+    assert mine.encode("the harbour town").tokens == [
+        "<s>",
+        "▁the",
+        "▁harbour",
+        "▁town",
+    ]  # BOS: llama default
 
 
 def test_pre_tokenizer_patterns_are_transformers_own() -> None:
@@ -332,8 +381,8 @@ def test_llmpipe_names_cover_the_gpt() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_file(bpe: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = tiny_config(len(gguf_vocabulary(bpe)[0]))
+def tiny_file(bpe: Vocabulary, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = tiny_config(len(bpe.tokens))
     return write_gguf(tmp_path_factory.mktemp("gguf") / GGUF_NAME, random_model(config), bpe)
 
 
@@ -375,9 +424,9 @@ def test_missing_truncated_and_foreign_files_are_named(tiny_file: Path, tmp_path
     ids=["arch", "rope-scaling", "rope-freqs", "head-dim", "experts", "missing", "unknown", "type", "shape"],
 )
 def test_what_cannot_be_computed_exactly_is_refused(
-    changes: dict[str, Any], message: str, bpe: Tokenizer, tmp_path: Path
+    changes: dict[str, Any], message: str, bpe: Vocabulary, tmp_path: Path
 ) -> None:
-    config = tiny_config(len(gguf_vocabulary(bpe)[0]))
+    config = tiny_config(len(bpe.tokens))
     path = write_gguf(tmp_path / "odd.gguf", random_model(config), bpe, **changes)
     with pytest.raises(ValueError, match=message) as error:
         read_gguf(path)
@@ -393,41 +442,50 @@ SMOLLM2 = Path(
 )
 
 
+@dataclass
+class SmolLM2:
+    checkpoint: GGUFCheckpoint  # read_gguf's
+    ours: GPT  # built from it, as load_gguf builds it
+    theirs: Any  # transformers' model and GGUF tokenizer
+    tokenizer: Any
+
+
 @pytest.fixture(scope="module")
-def smollm2() -> tuple[GPT, Any, Any]:
-    """(llmpipe's model, transformers' model, transformers' GGUF tokenizer)."""
+def smollm2() -> SmolLM2:
     if not SMOLLM2.is_file():
         pytest.skip(f"{SMOLLM2} is not on disk (set LLMPIPE_SMOLLM2_GGUF to a SmolLM2-135M-Instruct GGUF)")
-    return load_gguf(SMOLLM2), transformers_model(SMOLLM2), transformers_tokenizer(SMOLLM2)
-
-
-@pytest.mark.slow
-def test_smollm2_logits_and_greedy_continuation_match_transformers(smollm2: tuple[GPT, Any, Any]) -> None:
-    ours, theirs, tokenizer = smollm2
-    assert ours.config.n_layer == 30 and ours.config.kv_heads == 3 and ours.config.tie_embeddings
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
-    )
-    idx = torch.tensor([prompt["input_ids"] if isinstance(prompt, dict) else prompt])
-    with torch.no_grad():
-        assert max_diff(ours(idx)[0][:, -1], theirs(idx).logits[:, -1]) < 1e-3
-        expected = theirs.generate(idx, max_new_tokens=10, do_sample=False)[0, idx.shape[1] :].tolist()
-        generated = idx
-        for _ in range(10):
-            generated = torch.cat([generated, ours(generated)[0][:, -1:].argmax(-1)], dim=1)
-    assert generated[0, idx.shape[1] :].tolist() == expected
-
-
-@pytest.mark.slow
-def test_smollm2_tokenizer_and_metadata(smollm2: tuple[GPT, Any, Any]) -> None:
-    _, _, theirs = smollm2
     start = time.perf_counter()
     checkpoint = read_gguf(SMOLLM2)
-    print(f"read_gguf({SMOLLM2.name}): {time.perf_counter() - start:.1f} s")
-    assert (
-        checkpoint.metadata["tokenizer_pre"] == "smollm" and checkpoint.metadata["file_type"] == "MOSTLY_Q4_1"
-    )
+    print(f"\nread_gguf({SMOLLM2.name}): {time.perf_counter() - start:.1f} s")
+    ours = GPT(checkpoint.config)
+    ours.load_state_dict(checkpoint.state, strict=False)  # tied: lm_head.weight is tok_emb.weight
+    return SmolLM2(checkpoint, ours.eval(), transformers_model(SMOLLM2), transformers_tokenizer(SMOLLM2))
+
+
+@pytest.mark.slow
+def test_smollm2_logits_and_greedy_continuation_match_transformers(smollm2: SmolLM2) -> None:
+    ours, theirs, tokenizer = smollm2.ours, smollm2.theirs, smollm2.tokenizer
+    assert ours.config.n_layer == 30 and ours.config.kv_heads == 3 and ours.config.tie_embeddings
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    idx = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        diff = max_diff(ours(idx)[0], theirs(idx).logits)
+        expected = theirs.generate(idx, max_new_tokens=10, do_sample=False)[0, idx.shape[1] :].tolist()
+    print(f"max |logit difference| over {idx.shape[1]} positions: {diff:.2e}")
+    assert diff < 1e-3
+    config = GenerationConfig(max_new_tokens=10, strategy="greedy", eos_id=tokenizer.eos_token_id)
+    assert generate(ours, idx[0].tolist(), config).ids == expected
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_and_metadata(smollm2: SmolLM2) -> None:
+    checkpoint, theirs = smollm2.checkpoint, smollm2.tokenizer
+    assert checkpoint.metadata["tokenizer_pre"] == "smollm"
+    assert checkpoint.metadata["file_type"] == "MOSTLY_Q4_1"
+    assert checkpoint.metadata["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
     assert checkpoint.tokenizer_config["bos_token"] == "<|im_start|>"
+    assert checkpoint.tokenizer_config["chat_template"] == theirs.chat_template
+    assert json.loads(checkpoint.tokenizer.to_str()) == json.loads(theirs.backend_tokenizer.to_str())
     for text in PROBES:
         assert checkpoint.tokenizer.encode(text).ids == theirs(text)["input_ids"], text
-    assert json.loads(checkpoint.tokenizer.to_str()) == json.loads(theirs.backend_tokenizer.to_str())

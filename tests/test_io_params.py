@@ -148,7 +148,7 @@ def test_a_moved_setting_names_its_new_key(tmp_path: Path) -> None:
     """pretrain.model moved to plan.model: an old params.yaml or -S override says where it went."""
     from tasks.pretrain import PretrainParams
 
-    with pytest.raises(ParamsError, match=r"pretrain\.model moved to plan\.model"):
+    with pytest.raises(ParamsError, match=r"pretrain\.model is now plan\.model"):
         parse_section(PretrainParams, "pretrain", {"model": {"n_layer": 2}})
     params = tmp_path / "params.yaml"
     params.write_text("pretrain:\n  lr: 0.1\nplan:\n  model:\n    n_layer: null\n")

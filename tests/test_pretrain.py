@@ -116,7 +116,7 @@ def test_bad_pretrain_params_name_the_key() -> None:
         parse_section(PretrainParams, "pretrain", {"steps": 5, "warmup_steps": -1})
     with pytest.raises(ParamsError, match=r"pretrain\.batch_size"):
         parse_section(PretrainParams, "pretrain", {"batch_size": 0})
-    with pytest.raises(ParamsError, match=r"pretrain\.model moved to plan\.model"):
+    with pytest.raises(ParamsError, match=r"pretrain\.model is now plan\.model"):
         parse_section(PretrainParams, "pretrain", {"model": {"norm": "batchnorm"}})
     with pytest.raises(ParamsError, match=r"pretrain\.schedule"):  # a loop setting, typed in model/train.py
         parse_section(PretrainParams, "pretrain", {"schedule": "linear"})

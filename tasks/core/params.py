@@ -26,7 +26,10 @@ T = TypeVar("T")
 
 #: Settings that moved, old key → new key: a params.yaml or `-S` written before the move gets a clear
 #: rename error instead of "unknown key".
-MOVED_KEYS = {"pretrain.model": "plan.model"}
+MOVED_KEYS = {
+    "pretrain.model": ("plan.model", "the stage that decides it reads it"),
+    "evaluate.max_tokens": ("evaluate.max_bytes", "bytes are the same text whatever the tokenizer"),
+}
 
 
 class ParamsError(ValueError):
@@ -34,11 +37,10 @@ class ParamsError(ValueError):
 
 
 def _check_not_moved(key: str) -> None:
-    for old, new in MOVED_KEYS.items():
+    for old, (new, why) in MOVED_KEYS.items():
         if key == old or key.startswith(f"{old}."):
             raise ParamsError(
-                f"params.yaml: {old} moved to {new} (the stage that decides it reads it): "
-                f"rename {key} to {new}{key.removeprefix(old)}"
+                f"params.yaml: {old} is now {new} ({why}): rename {key} to {new}{key.removeprefix(old)}"
             )
 
 
