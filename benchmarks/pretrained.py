@@ -11,7 +11,7 @@
    prefill included) and the ratio (target ≥ 1.0: llmpipe at least as fast). The two must produce the
    same tokens: the table says whether they did.
 3. Forward throughput on 1 × 1024 tokens (what evaluate's bits per byte and a LoRA step cost), both.
-Each number is the median of --repeat runs after a warm-up.
+Each number is the median of --repeat runs after a warm-up, llmpipe and transformers measured alternately.
 """
 
 from __future__ import annotations
@@ -37,15 +37,19 @@ from tasks.core.bases import KNOWN_BASES, cached_path  # noqa: E402
 console = Console(width=140)
 
 
-def timed(run: Callable[[], object], repeat: int) -> tuple[float, object]:
-    """(median seconds of `repeat` runs after one warm-up run, the last result)."""
-    result = run()
-    times = []
+def timed_pair(
+    ours: Callable[[], object], theirs: Callable[[], object], repeat: int
+) -> tuple[float, float, object, object]:
+    """Median seconds of each of two runs, measured alternately (ours, theirs, ours, ...) after one warm-up
+    each, so that a slow spell of a shared machine hits both; and the last results."""
+    results = [ours(), theirs()]
+    times: list[list[float]] = [[], []]
     for _ in range(repeat):
-        start = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for side, run in enumerate((ours, theirs)):
+            start = time.perf_counter()
+            results[side] = run()
+            times[side].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
 
 
 def main() -> None:
@@ -89,7 +93,6 @@ def main() -> None:
     config = GenerationConfig(max_new_tokens=args.new_tokens, strategy="greedy")
     for length in (16, 256):
         prompt = ids[:length]
-        ours_s, ours_ids = timed(lambda p=prompt: generate(ours, p, config).ids, args.repeat)
         tensor = torch.tensor([prompt])
 
         def hf(t: torch.Tensor = tensor) -> list[int]:
@@ -105,7 +108,9 @@ def main() -> None:
                 )
             return out[0, t.shape[1] :].tolist()
 
-        theirs_s, theirs_ids = timed(hf, args.repeat)
+        ours_s, theirs_s, ours_ids, theirs_ids = timed_pair(
+            lambda p=prompt: generate(ours, p, config).ids, hf, args.repeat
+        )
         same = ours_ids == theirs_ids[: len(ours_ids)] if isinstance(ours_ids, list) else False
         decode.add_row(
             str(length),
@@ -121,8 +126,7 @@ def main() -> None:
         forward.add_column(column, justify="right" if column != "model" else "left")
     batch = torch.tensor([ids[:1024]])
     with torch.no_grad():
-        ours_f, _ = timed(lambda: ours(batch), args.repeat)
-        theirs_f, _ = timed(lambda: theirs(batch), args.repeat)
+        ours_f, theirs_f, _, _ = timed_pair(lambda: ours(batch), lambda: theirs(batch), args.repeat)
     forward.add_row("llmpipe", f"{ours_f:.2f}", f"{1024 / ours_f:,.0f}")
     forward.add_row("transformers", f"{theirs_f:.2f}", f"{1024 / theirs_f:,.0f}")
     console.print(forward)

@@ -251,7 +251,7 @@ def _decode_loop(
     # Repetition penalty looks at each row's own tokens: padding stands in as the row's last prompt token.
     seen = ids if mask is None else torch.where(mask.bool(), ids, ids[:, -1:])
     cache = KVCache()
-    logits = model(ids, cache=cache, attention_mask=mask)[0][:, -1].float()
+    logits = model(ids, cache=cache, attention_mask=mask, last_only=True)[0][:, -1].float()
     stoppers = [_StopText(decode, config.stop) for _ in prompts]
     new_ids: list[list[int]] = [[] for _ in prompts]
     reasons: list[str | None] = [None] * len(prompts)
@@ -289,7 +289,9 @@ def _decode_loop(
             if mask is not None:  # a finished row's filler token is padding: it takes no position
                 active = torch.tensor([reason is None for reason in reasons], device=device)
                 mask = torch.cat([mask, active[:, None].to(mask.dtype)], dim=1)
-            logits = model(tokens[:, None], cache=cache, attention_mask=mask)[0][:, -1].float()
+            logits = model(tokens[:, None], cache=cache, attention_mask=mask, last_only=True)[0][
+                :, -1
+            ].float()
     finally:
         model.train(was_training)
     for row, result in enumerate(results or []):
@@ -337,7 +339,7 @@ def beam_search(
     is_finished = torch.zeros(beams, dtype=torch.bool, device=device)
     improvable = True
     cache = KVCache()
-    logits = model(running, cache=cache)[0][:, -1].float()
+    logits = model(running, cache=cache, last_only=True)[0][:, -1].float()
     try:
         while True:
             cur_len = running.shape[1]
@@ -387,7 +389,7 @@ def beam_search(
             if not improvable or done_early or bool(ended.all()):
                 break
             cache.reorder(reorder)
-            logits = model(running[:, -1:], cache=cache)[0][:, -1].float()
+            logits = model(running[:, -1:], cache=cache, last_only=True)[0][:, -1].float()
         length = int(finished_len[0])
         ids = finished[0, prompt_len : prompt_len + length].tolist()
         steps = _scored_steps(model, prompt, ids)

@@ -64,28 +64,41 @@ def sinusoidal_table(config: GPTConfig) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer for the positions seen so far: (B, kv_heads, length, head_dim)."""
+    """Keys and values of every layer for the positions seen so far: (B, kv_heads, length, head_dim).
 
-    keys: list[torch.Tensor | None] = field(default_factory=list)
-    values: list[torch.Tensor | None] = field(default_factory=list)
+    Each layer's are stored in a buffer with room to grow (doubling when full), so appending a token
+    writes one position instead of copying the whole cache (torch.cat) at every step."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)  # buffers (B, kv_heads, capacity, head_dim)
+    values: list[torch.Tensor] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # positions filled, per layer
 
     @property
     def length(self) -> int:
-        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
+        return self.lengths[0] if self.lengths else 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        while len(self.keys) <= layer:
-            self.keys.append(None)
-            self.values.append(None)
-        old_k, old_v = self.keys[layer], self.values[layer]
-        self.keys[layer] = k if old_k is None else torch.cat([old_k, k], dim=2)
-        self.values[layer] = v if old_v is None else torch.cat([old_v, v], dim=2)
-        return self.keys[layer], self.values[layer]  # type: ignore[return-value]
+        """Append the new positions' k and v to layer `layer`; return all of its keys and values."""
+        if layer == len(self.keys):
+            self.keys.append(k.new_empty(*k.shape[:2], 0, k.shape[3]))
+            self.values.append(v.new_empty(*v.shape[:2], 0, v.shape[3]))
+            self.lengths.append(0)
+        start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
+        if end > self.keys[layer].shape[2]:  # full: a buffer twice as large, the filled part copied
+            capacity = max(2 * end, 16)
+            for buffers, new in ((self.keys, k), (self.values, v)):
+                grown = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])
+                grown[:, :, :start] = buffers[layer][:, :, :start]
+                buffers[layer] = grown
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows`, in that order (beam search continues from the beams it chose)."""
-        self.keys = [None if k is None else k.index_select(0, rows) for k in self.keys]
-        self.values = [None if v is None else v.index_select(0, rows) for v in self.values]
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
 
 
 def causal_mask(queries: int, start: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -127,22 +140,27 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         start = k.shape[2] - length  # positions already cached before this call
-        if cfg.kv_heads != cfg.n_head:  # grouped-query: each k/v head serves n_head / kv_heads query heads
-            k = k.repeat_interleave(cfg.n_head // cfg.kv_heads, dim=1)
-            v = v.repeat_interleave(cfg.n_head // cfg.kv_heads, dim=1)
+        # Grouped-query attention: each k/v head serves n_head / kv_heads query heads (SDPA's enable_gqa
+        # reads them in place; the slow path repeats them).
+        gqa = cfg.kv_heads != cfg.n_head
 
         dropout = cfg.dropout if self.training else 0.0
         weights = None
         if return_attention:  # the slow path: materialise the weights to return them
             if mask is None:
                 mask = causal_mask(length, start, None, x.device)
+            if gqa:
+                k = k.repeat_interleave(cfg.n_head // cfg.kv_heads, dim=1)
+                v = v.repeat_interleave(cfg.n_head // cfg.kv_heads, dim=1)
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(cfg.head_dim)
             weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             y = F.dropout(weights, dropout, self.training) @ v
         elif mask is None:  # causal from position 0, or one new token attending to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=start == 0)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=start == 0, enable_gqa=gqa
+            )
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(batch, length, cfg.n_head * cfg.head_dim)
         return self.o_proj(y), weights
 
@@ -230,10 +248,13 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         return_attention: bool = False,
         attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
-        """Logits (B, T, vocab); the mean cross-entropy over targets ≠ -100 when given; attention weights
-        per layer (B, heads, T, start + T) when `return_attention`. `attention_mask` (B, start + T): 1 for
-        tokens, 0 for left padding, covering the cached positions too."""
+        """Logits (B, T, vocab), or (B, 1, vocab) for the last position only with `last_only` (what
+        decoding needs: the head is the largest matmul of a small model's prefill); the mean cross-entropy
+        over targets ≠ -100 when given; attention weights per layer (B, heads, T, start + T) when
+        `return_attention`. `attention_mask` (B, start + T): 1 for tokens, 0 for left padding, covering the
+        cached positions too."""
         start = cache.length if cache is not None else 0
         # Padding takes no position, so a padded row may be longer than the context (generation only).
         longest = start + idx.shape[1] if attention_mask is None else int(attention_mask.sum(-1).max())
@@ -254,6 +275,8 @@ class GPT(nn.Module):
             x, weights = block(x, rope, mask, cache, return_attention)
             if weights is not None:
                 attention.append(weights)
+        if last_only and targets is None:
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
