@@ -54,11 +54,19 @@ def windows(length: int, context: int, stride: int) -> list[tuple[int, int, int]
     return spans
 
 
+#: Logit values one scoring batch may hold (2^26 floats = 256 MB): windows × width × vocabulary.
+MAX_BATCH_LOGITS = 1 << 26
+
+
 @torch.no_grad()
-def strided_nll(model: GPT, tokens: np.ndarray, stride: int | None = None, batch_size: int = 8) -> Scored:
-    """NLL of every scored token of `tokens` (1-D ids); windows of the model's context, `stride` apart
-    (default: half the context)."""
-    context = model.config.block_size
+def strided_nll(
+    model: GPT, tokens: np.ndarray, stride: int | None = None, context: int | None = None, batch_size: int = 8
+) -> Scored:
+    """NLL of every scored token of `tokens` (1-D ids); windows of `context` tokens (at most, and by
+    default, the model's), `stride` apart (default: half the window). Batches hold at most `batch_size`
+    windows and MAX_BATCH_LOGITS logits (a 49k vocabulary over a 1k window is 200 MB)."""
+    context = min(context or model.config.block_size, model.config.block_size)
+    batch_size = max(1, min(batch_size, MAX_BATCH_LOGITS // (context * model.config.vocab_size)))
     spans = windows(len(tokens), context, stride or max(1, context // 2))
     device = next(model.parameters()).device
     was_training = model.training

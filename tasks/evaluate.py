@@ -60,8 +60,9 @@ STRATEGIES: tuple[tuple[str, dict[str, Any]], ...] = (
 
 @dataclass
 class EvaluateParams(StageParams):
-    stride: int | None = None  # sliding-window stride in tokens; null: half the context
-    max_bytes: int = 200_000  # score the start of the validation split, this many bytes of text
+    context: int | None = 1024  # scoring window in tokens, at most the model's context; null: the model's
+    stride: int | None = None  # sliding-window stride in tokens; null: half the window
+    max_bytes: int = 100_000  # score the start of the validation split, this many bytes of text
     ngram_k: float = 0.01  # add-k smoothing of the n-gram baselines
     prompts: list[str] = field(
         default_factory=lambda: ["The movie was full of", "ROMEO.", "In the beginning"]
@@ -76,8 +77,11 @@ class EvaluateParams(StageParams):
     alias: str = "champion"  # on the version with the lowest bits per byte
 
     def validate(self) -> None:
-        if self.stride is not None and self.stride < 1:
-            raise ParamsError(f"params.yaml: evaluate.stride must be ≥ 1 or null, got {self.stride}")
+        for key in ("stride", "context"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ParamsError(
+                    f"params.yaml: evaluate.{key} must be ≥ 1 or null, got {getattr(self, key)}"
+                )
         if self.max_bytes < 1 or self.max_new_tokens < 1 or self.ngram_k <= 0:
             raise ParamsError(
                 "params.yaml: evaluate.max_bytes ≥ 1, max_new_tokens ≥ 1 and ngram_k > 0 needed"
@@ -153,7 +157,7 @@ def validation_metrics(
     val = _split_tokens(root / TOKENS_DIR, "val", params.max_bytes, sizes)
     if len(val) < 2:
         return {}
-    scored = strided_nll(generator.model, val, params.stride)
+    scored = strided_nll(generator.model, val, params.stride, params.context)
     metrics: dict[str, Any] = {
         "val_loss": round(scored.mean, 5),
         "val_perplexity": round(math.exp(min(scored.mean, 50)), 3),
@@ -181,7 +185,9 @@ def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
         if len(domain) >= 2:
             adapted = load_adapter(copy.deepcopy(generator.model), root / LORA_DIR).eval()
             for name, model in (("base", generator.model), ("lora", adapted)):
-                domain_bpb = strided_nll(model, domain, params.stride).bits_per_byte(sizes, domain)
+                domain_bpb = strided_nll(model, domain, params.stride, params.context).bits_per_byte(
+                    sizes, domain
+                )
                 metrics[f"domain_bpb_{name}"] = round(domain_bpb, 5)
 
     rows, greedy_steps = generation_rows(generator, params)
