@@ -64,7 +64,7 @@ def run(
     selected = [name for item in only or [] for name in item.split(",") if name]
     try:  # fail on a bad stage name or override now, before Prefect starts and before params.yaml changes
         select_stages(declared_stages(root), selected or None, from_stage, to_stage)
-        validate_params(apply_overrides(load_params_file(root / PARAMS_FILE), set_params or []))
+        validate_params(apply_overrides(load_params_file(root / PARAMS_FILE), set_params or []), root)
     except ValueError as err:
         fail(err)
     from flows.pipeline import StageInputError, pipeline

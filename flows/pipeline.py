@@ -137,7 +137,7 @@ def pipeline(
     stages = select_stages(declared_stages(project), only, from_stage, to_stage)
     if sync:
         dvc_sync("pull", project)
-    set_overrides(project / PARAMS_FILE, overrides or [], validate=validate_params)
+    set_overrides(project / PARAMS_FILE, overrides or [], validate=lambda p: validate_params(p, project))
     params = load_params_file(project / PARAMS_FILE)
     run_params = {
         "stages": ",".join(stages),

