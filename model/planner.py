@@ -318,8 +318,11 @@ def make_plan(
             "hours": hours,
             "usd": hours * usd_per_hour,
             "memory_gb": memory_gb,
-            "expected_loss": chinchilla_loss(counts.total, tokens),
-            "expected_loss_in_fit_range": LOSS_FIT_PARAMS[0] <= counts.total <= LOSS_FIT_PARAMS[1],
+            # Chinchilla's L(N, D) describes training from scratch on D tokens: no prediction for a base
+            # that has already seen far more than this budget's tokens.
+            "expected_loss": None if base else chinchilla_loss(counts.total, tokens),
+            "expected_loss_in_fit_range": base is None
+            and LOSS_FIT_PARAMS[0] <= counts.total <= LOSS_FIT_PARAMS[1],
         },
         "data": data,
         "inference": {

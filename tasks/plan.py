@@ -144,7 +144,9 @@ def summary_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "expected loss",
-            f"{train['expected_loss']:.3f} nats/token (Chinchilla fit: {trust})",
+            f"{train['expected_loss']:.3f} nats/token (Chinchilla fit: {trust})"
+            if train["expected_loss"] is not None
+            else "not predicted: Chinchilla's fit is for training from scratch, not for continuing a base",
         ),
     ]
     if data["train_tokens"]:
@@ -288,7 +290,11 @@ def run(params: PlanParams, root: Path) -> dict[str, int | float]:
         "epochs": round(plan["data"]["epochs"], 4),
         "hours": round(plan["training"]["hours"], 6),
         "usd": round(plan["training"]["usd"], 4),
-        "expected_loss": round(plan["training"]["expected_loss"], 4),
+        **(
+            {"expected_loss": round(plan["training"]["expected_loss"], 4)}
+            if plan["training"]["expected_loss"] is not None
+            else {}
+        ),
         "warnings": len(plan["warnings"]),
         "continued": int(plan["training"]["continued"]),  # 1: continued pretraining of a pretrained base
     }

@@ -307,7 +307,15 @@ def run(params: TokenizerParams, root: Path) -> dict[str, int | float]:
         "holdout_chars_per_token": main["chars_per_token"],
         "holdout_bytes_per_token": main["bytes_per_token"],
     }
-    if params.compare:
+    if not params.compare:  # the plot and report hold this tokenizer alone
+        row = {
+            "family": "adopted" if adopted else "bpe",
+            "vocab_size": actual,
+            "train_seconds": train_seconds,
+            **main,
+        }
+        write_comparison(root / REPORT_DIR, root / COMPARISON_PLOT, [row], {})
+    else:
         rows, examples = compare_families(
             params,
             bpe=lambda: (byte_level_bpe(params.pattern), bpe_trainer(params)),

@@ -5,6 +5,7 @@ and run, SFT in its own chat template, evaluation, the registry); and the real S
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+import yaml
+from conftest import restored_mlflow_uri, run_cli
 from safetensors.torch import load_file
 from test_gguf import GGUF_NAME, bpe, random_model, tiny_config, write_gguf  # noqa: F401 (bpe: a fixture)
 
@@ -98,7 +100,7 @@ def test_a_bad_init_on_the_command_line_leaves_params_yaml_untouched(project: Pa
     before = (project / "params.yaml").read_text()
     result = run_cli(project, "llmpipe", "run", "-S", "pretrain.init=nowhere/base.gguf", check=False)
     assert result.returncode == 3, result.stdout + result.stderr  # a bad setting, as for any other
-    assert "nowhere/base.gguf does not exist" in result.stdout + result.stderr
+    assert "nowhere/base.gguf does not exist" in result.stderr.replace("\n", "")  # rich wraps lines
     assert (project / "params.yaml").read_text() == before
 
 
@@ -109,7 +111,9 @@ def test_a_gguf_base_goes_through_the_whole_pipeline(bpe, project: Path) -> None
     in dvc.lock's lineage and MLflow's tags; `pretrain.steps: 0` keeps the base as it is."""
     from tasks.core.params import set_overrides
 
-    gguf_file = write_gguf(project / GGUF_NAME, random_model(tiny_config(len(bpe.tokens))), bpe)
+    # room for a ChatML turn in a 363-token vocabulary
+    config = dataclasses.replace(tiny_config(len(bpe.tokens)), block_size=256)
+    gguf_file = write_gguf(project / GGUF_NAME, random_model(config), bpe)
     set_overrides(project / "params.yaml", [f"pretrain.init={GGUF_NAME}", "finetune.task=sft"])
     run_cli(project, "dvc", "repro")
 
@@ -118,8 +122,8 @@ def test_a_gguf_base_goes_through_the_whole_pipeline(bpe, project: Path) -> None
     assert tokenizer_json == (project / "models/init/tokenizer.json").read_text()
     assert read_json(project / "data/tokens/meta.json")["eos_token"] == "<|endoftext|>"
     plan = read_json(project / "models/plan.json")
-    assert plan["training"]["continued"] and plan["model"] == tiny_config(len(bpe.tokens)).to_dict()
-    assert plan["training"]["seq_len"] == 32  # plan.context_length, below the base's 64
+    assert plan["training"]["continued"] and plan["model"] == config.to_dict()
+    assert plan["training"]["seq_len"] == 32  # plan.context_length, below the base's 256
     pretrain = read_json(project / "metrics/pretrain.json")
     assert pretrain["continued"] == 1 and pretrain["lr"] == 5e-5 and pretrain["seq_len"] == 32
     assert (project / "models/lora/adapter_model.safetensors").is_file()
@@ -127,21 +131,18 @@ def test_a_gguf_base_goes_through_the_whole_pipeline(bpe, project: Path) -> None
     evaluation = read_json(project / "metrics/evaluate.json")
     assert evaluation["val_bpb"] > 0 and evaluation["scored_bytes"] > 0
 
-    lock = json.dumps(__import__("yaml").safe_load((project / "dvc.lock").read_text()))
     init_md5 = md5(gguf_file)
     assert read_json(project / "models/init/source.json")["md5"] == init_md5
-    for stage in ("tokenizer", "plan", "pretrain"):
-        stage_deps = __import__("yaml").safe_load((project / "dvc.lock").read_text())["stages"][stage]["deps"]
-        assert any(dep["path"] == "models/init" for dep in stage_deps), stage
-    assert "models/init" in lock
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    for stage in ("tokenizer", "plan", "pretrain"):  # models/init (source.json: the md5) is in their lineage
+        assert any(dep["path"] == "models/init" for dep in lock[stage]["deps"]), stage
 
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / '.llmpipe' / 'mlflow.db'}")
-    tagged = mlflow.search_runs(
-        search_all_experiments=True, filter_string=f"tags.`llmpipe.base_md5` = '{init_md5}'"
-    )
-    assert len(tagged) == 1
+    with restored_mlflow_uri():
+        mlflow.set_tracking_uri(f"sqlite:///{project / '.llmpipe' / 'mlflow.db'}")
+        query = f"tags.`llmpipe.base_md5` = '{init_md5}'"
+        assert len(mlflow.search_runs(search_all_experiments=True, filter_string=query)) == 1
 
     # pretrain.steps: 0 — the base as it is
     set_overrides(project / "params.yaml", ["pretrain.steps=0"])

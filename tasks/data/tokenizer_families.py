@@ -264,7 +264,7 @@ def _write_examples(path: Path, examples: dict[str, list[list[str]]]) -> None:
     ]
     for i, sentence in enumerate(EXAMPLE_SENTENCES):
         lines += [f"## {sentence}", ""]
-        for family in FAMILIES:
+        for family in [f for f in FAMILIES if f in examples]:
             pieces = examples[family][i]
             shown = "│".join(piece.replace("\n", "\\n") for piece in pieces)
             lines.append(f"- **{family}** ({len(pieces)} tokens): `{shown}`")
