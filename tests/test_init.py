@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from test_gguf import GGUF_NAME, bpe, random_model, tiny_config, write_gguf  # n
 
 from model.checkpoint import load_checkpoint
 from model.gguf import load_gguf
-from tasks.core.bases import KNOWN_BASES, cached_path
 from tasks.core.io import read_json
 from tasks.core.params import ParamsError
 from tasks.init import InitParams, run
@@ -161,7 +159,6 @@ def test_smollm2_through_the_pipeline(smollm2_gguf: Path, project: Path) -> None
     registered; as released it knows the capital of France, and scores well under the n-gram baselines."""
     from tasks.core.params import set_overrides
 
-    os.environ.setdefault("LLMPIPE_CACHE", str(cached_path(KNOWN_BASES["smollm2"]).parent.parent))
     set_overrides(
         project / "params.yaml",
         [
