@@ -308,13 +308,13 @@ def run(params: TokenizerParams, root: Path) -> dict[str, int | float]:
         "holdout_bytes_per_token": main["bytes_per_token"],
     }
     if not params.compare:  # the plot and report hold this tokenizer alone
-        row = {
+        alone = {
             "family": "adopted" if adopted else "bpe",
             "vocab_size": actual,
             "train_seconds": train_seconds,
             **main,
         }
-        write_comparison(root / REPORT_DIR, root / COMPARISON_PLOT, [row], {})
+        write_comparison(root / REPORT_DIR, root / COMPARISON_PLOT, [alone], {})
     else:
         rows, examples = compare_families(
             params,

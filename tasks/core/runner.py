@@ -77,7 +77,7 @@ def launch_torchrun(name: str, root: Path, nproc: int) -> dict[str, Any]:
 def validate_params(params: dict[str, Any], root: Path | None = None) -> None:
     """Parse every implemented stage's section of a params.yaml mapping; raise ParamsError if one is bad.
     With the project `root`, also check that `pretrain.init` names a base that is there."""
-    parsed = {}
+    parsed: dict[str, Any] = {}
     for stage in STAGES.values():
         section = stage.settings(params)
         if section is None:
