@@ -75,15 +75,17 @@ def run(params: InitParams, root: Path) -> dict[str, Any]:
                 from model.gguf import import_gguf
 
                 checkpoint = import_gguf(source.path, out)
-                config, record["gguf"] = checkpoint.config, checkpoint.metadata
+                metadata = {key: value for key, value in checkpoint.metadata.items() if key != "file"}
+                config, record["gguf"] = checkpoint.config, metadata
             else:
                 config = _import_hf(source, out)
             write_json(out / "config.json", config.to_dict())
             from model.flops import count_params
 
             record |= {
+                # no absolute path: models/init/ is the same on every machine for the same base
                 "name": source.name or source.path.name,
-                "path": str(source.path),
+                "file": source.path.name,
                 "md5": source_md5(source),
                 "bytes": sum(p.stat().st_size for p in [source.path, *source.path.rglob("*")] if p.is_file()),
                 "params": count_params(config).total,
