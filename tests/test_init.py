@@ -155,8 +155,9 @@ def test_a_gguf_base_goes_through_the_whole_pipeline(bpe, project: Path) -> None
 
 @pytest.mark.slow
 def test_smollm2_through_the_pipeline(smollm2_gguf: Path, project: Path) -> None:
-    """The real base, briefly: imported, one continued-pretraining step, two SFT steps, evaluated and
-    registered; as released it knows the capital of France, and scores well under the n-gram baselines."""
+    """The real base, briefly: imported, one continued-pretraining step, two SFT steps, evaluated; it
+    knows the capital of France, and scores under the bigram baseline. (Registering and logging its
+    540 MB of weights is what the tiny GGUF base's pipeline test checks; here it would only cost time.)"""
     from tasks.core.params import set_overrides
 
     set_overrides(
@@ -168,6 +169,7 @@ def test_smollm2_through_the_pipeline(smollm2_gguf: Path, project: Path) -> None
             "finetune.task=sft", "finetune.steps=2", "finetune.batch_size=2", "finetune.seq_len=64",
             "finetune.eval_batches=1", "finetune.sample_tokens=2", "evaluate.max_bytes=3000",
             "evaluate.context=256", "evaluate.max_new_tokens=2", "evaluate.prompts=[Hello]",
+            "pretrain.log_model=false", "finetune.log_model=false", "evaluate.register=false",
         ],
     )  # fmt: skip
     run_cli(project, "dvc", "repro")
