@@ -34,7 +34,7 @@ from model.checkpoint import load_checkpoint
 from model.data import TokenShards
 from model.lora import LoraSettings, lora_param_count, save_adapter
 from model.runtime import setup_runtime
-from model.tokens import TOKENIZER_FILE, load_tokenizer, special_tokens
+from model.tokens import TOKENIZER_FILE, SpecialTokens, load_tokenizer, special_tokens
 from model.train import LoopSettings, TrainConfig, evaluate, train
 from tasks.core import tracking
 from tasks.core.io import atomic_dir, atomic_file, file_md5, read_json
@@ -138,13 +138,13 @@ def run(params: FinetuneParams, root: Path) -> dict[str, Any]:
     base_md5 = file_md5(root / BASE_DIR / "model.safetensors")
     probe = params.for_run(params.steps, params.batch_size)
     context = probe.context(base)  # tokens per training sequence: seq_len, at most the base's context
-    data = _task_data(root, params, tokenizer, context)
+    template, special = ChatTemplate.load(root / BASE_DIR), special_tokens(root / BASE_DIR, tokenizer)
+    data = _task_data(root, params, tokenizer, context, template, special)
     general = TokenShards(root / TOKENS_DIR, "val")
     # too little general validation text to measure forgetting: reported absent
     general_val = general if len(general) > context else None
-    template = ChatTemplate.load(root / BASE_DIR)
     prompts = [_prompt_ids(tokenizer, template, text, params.task) for text in params.sample_prompts]
-    stop_ids = special_tokens(root / BASE_DIR, tokenizer).stop_ids  # where a sample ends
+    stop_ids = special.stop_ids  # where a sample ends
     if params.task == "sft" and template is not None:
         stop_ids += (template.end_of_turn(tokenizer),)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
@@ -216,18 +216,29 @@ def run(params: FinetuneParams, root: Path) -> dict[str, Any]:
     }
 
 
-def _task_data(root: Path, params: FinetuneParams, tokenizer: Any, context: int) -> TaskData:
+def _task_data(
+    root: Path,
+    params: FinetuneParams,
+    tokenizer: Any,
+    context: int,
+    template: ChatTemplate | None,
+    special: SpecialTokens,
+) -> TaskData:
     if params.task == "domain":
         return domain_data(root, file_md5(root / BASE_DIR / TOKENIZER_FILE), context, params.general_fraction)
     path = root / params.sft_path
     if not path.is_file():
         raise FileNotFoundError(f"params.yaml: finetune.sft_path: {path} does not exist")
-    special = special_tokens(root / BASE_DIR, tokenizer)
+    if template is None:
+        raise ValueError(
+            f"finetune.task is sft but {root / BASE_DIR}'s tokenizer has no chat template "
+            "(tokenizer_config.json `chat_template`)"
+        )
     pad_id = next(i for i in (special.pad, special.eos, special.document_end) if i is not None)
     return sft_data(
         path,
         tokenizer,
-        _chat_template(root),
+        template,
         pad_id,
         context,
         prompt_field=params.sft_prompt_field,
@@ -251,16 +262,6 @@ def _fingerprint(
         base=base_md5,
         data=data_md5,
     )
-
-
-def _chat_template(root: Path) -> ChatTemplate:
-    template = ChatTemplate.load(root / BASE_DIR)
-    if template is None:
-        raise ValueError(
-            f"finetune.task is sft but {root / BASE_DIR}'s tokenizer has no chat template "
-            "(tokenizer_config.json `chat_template`)"
-        )
-    return template
 
 
 def _prompt_ids(tokenizer: Any, template: ChatTemplate | None, text: str, task: str) -> list[int]:

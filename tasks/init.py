@@ -38,8 +38,8 @@ class InitParams(StageParams, InitSetting):
 
 
 def _import_hf(source: Source, out: Path) -> Any:
-    """An HF directory → GPT weights + its tokenizer files (tokenizer.json made by transformers when the
-    directory only has the slow files, e.g. GPT-2's vocab.json + merges.txt)."""
+    """An HF directory → GPT weights and config.json + its tokenizer files (tokenizer.json made by
+    transformers when the directory only has the slow files, e.g. GPT-2's vocab.json + merges.txt)."""
     from safetensors.torch import save_model
 
     from model.hf import load_hf
@@ -47,6 +47,7 @@ def _import_hf(source: Source, out: Path) -> Any:
     assert source.path is not None
     model = load_hf(source.path)
     save_model(model, str(out / "model.safetensors"))
+    write_json(out / "config.json", model.config.to_dict())
     if (source.path / TOKENIZER_FILE).is_file():
         for name in TOKENIZER_FILES:
             if (source.path / name).is_file():
@@ -79,7 +80,6 @@ def run(params: InitParams, root: Path) -> dict[str, Any]:
                 config, record["gguf"] = checkpoint.config, metadata
             else:
                 config = _import_hf(source, out)
-            write_json(out / "config.json", config.to_dict())
             from model.flops import count_params
 
             record |= {

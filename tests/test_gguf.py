@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from test_hf import random_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.checkpoint import load_checkpoint
@@ -113,16 +114,6 @@ def tiny_config(vocab_size: int, **changes: Any) -> GPTConfig:
         vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64,
         mlp_hidden=256, rope_theta=500000.0, norm_eps=1e-6, **changes,
     )  # fmt: skip
-
-
-def random_model(config: GPTConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(config)
-    with torch.no_grad():  # non-trivial norms and biases, so a mapping mistake cannot hide behind 1s and 0s
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                parameter.add_(torch.randn_like(parameter) * 0.1)
-    return model.eval()
 
 
 def converter_permute(weight: np.ndarray, heads: int) -> np.ndarray:

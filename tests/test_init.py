@@ -15,7 +15,8 @@ import torch
 import yaml
 from conftest import restored_mlflow_uri, run_cli
 from safetensors.torch import load_file
-from test_gguf import GGUF_NAME, bpe, random_model, tiny_config, write_gguf  # noqa: F401 (bpe: a fixture)
+from test_gguf import GGUF_NAME, bpe, tiny_config, write_gguf  # noqa: F401 (bpe: a fixture)
+from test_hf import random_model
 
 from model.checkpoint import load_checkpoint
 from model.gguf import load_gguf
