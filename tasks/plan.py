@@ -136,7 +136,7 @@ def summary_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "training",
             f"{train['tokens']:,} tokens = {train['steps']:,} steps × {train['batch_size']} sequences × "
-            f"{model['block_size']} ({train['tokens_per_param']:.1f} tokens/param)",
+            f"{train['seq_len']} ({train['tokens_per_param']:.1f} tokens/param)",
         ),
         (
             "wall time and cost",

@@ -251,7 +251,8 @@ def write_comparison(
         writer.writerow(["family", "chars_per_token", "bytes_per_token"])
         for row in rows:
             writer.writerow([row["family"], _fmt(row["chars_per_token"]), _fmt(row["bytes_per_token"])])
-    _write_examples(report_dir / "examples.md", examples)
+    if examples:  # segmentations by each family: none when only one tokenizer was measured
+        _write_examples(report_dir / "examples.md", examples)
     _write_figure(report_dir / "comparison.png", rows)
 
 
@@ -264,7 +265,7 @@ def _write_examples(path: Path, examples: dict[str, list[list[str]]]) -> None:
     ]
     for i, sentence in enumerate(EXAMPLE_SENTENCES):
         lines += [f"## {sentence}", ""]
-        for family in [f for f in FAMILIES if f in examples]:
+        for family in FAMILIES:
             pieces = examples[family][i]
             shown = "│".join(piece.replace("\n", "\\n") for piece in pieces)
             lines.append(f"- **{family}** ({len(pieces)} tokens): `{shown}`")
