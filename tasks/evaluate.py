@@ -276,9 +276,11 @@ def _write_reports(
     if bpb:
         fig = Figure(figsize=(6, 3.5))
         ax = fig.subplots()
-        ax.bar(
+        bars = ax.bar(
             list(bpb), list(bpb.values()), color=["tab:blue", "tab:grey", "tab:grey", "tab:grey"][: len(bpb)]
         )
+        ax.bar_label(bars, fmt="%.3f")  # the values, not only their heights
+        ax.margins(y=0.12)  # room above the tallest bar for its label
         ax.set(ylabel="bits per byte (lower is better)", title="validation bits per byte")
         fig.tight_layout()
         fig.savefig(out / "bpb.png", dpi=100)
