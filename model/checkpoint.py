@@ -29,6 +29,11 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from model.config import GPTConfig
 from model.gpt import GPT
+from model.optim import Optimizer
+from model.rnn import GRULM
+
+#: What the training loop trains and checkpoints: the GPT, or the GRU baseline.
+TrainedModel = GPT | GRULM
 
 CHECKPOINT_FORMAT = 1
 LATEST = "latest"
@@ -60,7 +65,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    directory: Path, model: GPT, optimizer: torch.optim.Optimizer, step: int, fingerprint: str, done: bool
+    directory: Path, model: TrainedModel, optimizer: Optimizer, step: int, fingerprint: str, done: bool
 ) -> Path:
     """Write `step-NNNNNNN/` (model.safetensors + state.pt) via a temporary directory, point `latest` at
     it (atomic rename), then delete older checkpoints. Returns the checkpoint's path."""
@@ -109,7 +114,7 @@ def read_checkpoint_state(path: Path) -> dict[str, Any]:
     return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
 
 
-def load_weights(model: GPT, path: Path, trainable_only: bool = False) -> None:
+def load_weights(model: TrainedModel, path: Path, trainable_only: bool = False) -> None:
     """Weights from a checkpoint (or any directory with model.safetensors written by save_model); with
     `trainable_only`, the checkpoint holds exactly the parameters that require grad."""
     device = str(next(model.parameters()).device)
@@ -143,7 +148,7 @@ def load_checkpoint(path: Path) -> GPT:
 
 
 def resume(
-    directory: Path, fingerprint: str, model: GPT, optimizer: torch.optim.Optimizer, discard: bool
+    directory: Path, fingerprint: str, model: TrainedModel, optimizer: Optimizer, discard: bool
 ) -> int:
     """The step to continue from: the last checkpoint's when it is an unfinished run of this fingerprint
     (weights, optimizer and RNG states restored), else 0. With `discard`, a checkpoint of other settings

@@ -17,7 +17,7 @@ from typing import Any, Literal
 # The allowed values of each choice, spelled only here (`typing.get_args` gives them as a tuple).
 PositionalEncoding = Literal["rope", "learned", "sinusoidal"]
 Norm = Literal["layernorm", "rmsnorm"]
-MLPKind = Literal["gelu", "swiglu"]
+MLPKind = Literal["gelu", "swiglu", "relu2"]
 
 
 def swiglu_hidden(n_embd: int, multiple_of: int = 64) -> int:
@@ -39,6 +39,7 @@ class GPTConfig:
     mlp: MLPKind = "swiglu"
     bias: bool = False  # biases in linear layers and LayerNorm
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention (OLMo 2, Qwen3)
     dropout: float = 0.0
     sliding_window: int | None = None  # attend to at most this many previous tokens (None: all)
     rope_theta: float = 10000.0
@@ -80,10 +81,10 @@ class GPTConfig:
 
     @property
     def hidden(self) -> int:
-        """Width of the MLP's inner layer."""
+        """Width of the MLP's inner layer: 4·n_embd, or Llama's 2/3 of that for the gated SwiGLU."""
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        return 4 * self.n_embd if self.mlp == "gelu" else swiglu_hidden(self.n_embd)
+        return swiglu_hidden(self.n_embd) if self.mlp == "swiglu" else 4 * self.n_embd
 
     @property
     def attention_span(self) -> int:
@@ -92,6 +93,12 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def train_flops_per_token(self, context: int | None = None) -> int:
+        """Training FLOPs per token over `context` positions (model/flops.py: 6N + attention)."""
+        from model.flops import train_flops_per_token  # model/flops.py imports this module
+
+        return train_flops_per_token(self, context=context)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GPTConfig:

@@ -61,7 +61,7 @@ def count_params(config: GPTConfig) -> ParamCount:
     q_width, kv_width = config.n_head * config.head_dim, config.kv_heads * config.head_dim
     attention = d * q_width + 2 * d * kv_width + q_width * d + bias * (q_width + 2 * kv_width + d)
     hidden = config.hidden
-    if config.mlp == "gelu":  # up (d → hidden), down (hidden → d)
+    if config.mlp != "swiglu":  # gelu, relu2: up (d → hidden), down (hidden → d)
         mlp = 2 * d * hidden + bias * (hidden + d)
     else:  # gate and up (d → hidden each), down (hidden → d)
         mlp = 3 * d * hidden + bias * (2 * hidden + d)
@@ -71,7 +71,7 @@ def count_params(config: GPTConfig) -> ParamCount:
         position_embedding=config.block_size * d if config.pos_encoding == "learned" else 0,
         attention=layers * attention,
         mlp=layers * mlp,
-        norms=(2 * layers + 1) * norm,
+        norms=(2 * layers + 1) * norm + layers * 2 * config.head_dim * config.qk_norm,
         lm_head=0 if config.tie_embeddings else config.vocab_size * d,
     )
 

@@ -120,6 +120,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, config.kv_heads * hd, bias=config.bias)
         self.v_proj = nn.Linear(d, config.kv_heads * hd, bias=config.bias)
         self.o_proj = nn.Linear(config.n_head * hd, d, bias=config.bias)
+        if config.qk_norm:  # per-head RMSNorm of q and k (Qwen3's q_norm/k_norm): bounded logits
+            self.q_norm = nn.RMSNorm(hd, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=config.norm_eps)
 
     def forward(
         self,
@@ -135,6 +138,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, length, cfg.n_head, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -166,10 +171,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU (tanh approximation, as GPT-2): down(gelu(up(x))). SwiGLU (Llama): down(silu(gate(x))·up(x))."""
+    """GELU (tanh approximation, as GPT-2): down(gelu(up(x))). SwiGLU (Llama): down(silu(gate(x))·up(x)).
+    ReLU² (Primer, So et al. 2021; modded-nanogpt): down(relu(up(x))²), no gate."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
+        self.kind = config.mlp
         self.swiglu = config.mlp == "swiglu"
         self.up_proj = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
         self.down_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
@@ -179,6 +186,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.kind == "relu2":
+            return self.down_proj(F.relu(self.up_proj(x)).square())
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 

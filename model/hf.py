@@ -27,6 +27,8 @@ WEIGHTS_FILE = "model.safetensors"
 
 def hf_layout(config: GPTConfig) -> str:
     """ "gpt2", "llama" or "mistral"; ValueError naming the mismatch for anything else."""
+    if config.qk_norm:
+        raise ValueError("qk_norm: neither the GPT-2 nor the Llama layout normalises queries and keys")
     if (config.pos_encoding, config.norm, config.mlp) == ("learned", "layernorm", "gelu"):
         if config.kv_heads != config.n_head or config.sliding_window is not None:
             raise ValueError(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.gpt import GPT
+from model.checkpoint import TrainedModel
 
 
 @dataclass
@@ -60,7 +60,11 @@ MAX_BATCH_LOGITS = 1 << 26
 
 @torch.no_grad()
 def strided_nll(
-    model: GPT, tokens: np.ndarray, stride: int | None = None, context: int | None = None, batch_size: int = 8
+    model: TrainedModel,
+    tokens: np.ndarray,
+    stride: int | None = None,
+    context: int | None = None,
+    batch_size: int = 8,
 ) -> Scored:
     """NLL of every scored token of `tokens` (1-D ids); windows of `context` tokens (at most, and by
     default, the model's), `stride` apart (default: half the window). Batches hold at most `batch_size`

@@ -4,11 +4,12 @@
    FLOP/s from model.flops.ACCELERATORS; "cpu" is measured with a quick matmul on this machine).
 2. The compute-optimal split of that budget (model.scaling): Chinchilla's N_opt and D_opt, with Kaplan's
    allocation beside it for contrast.
-3. A buildable model: the shape nearest N_opt by the width-per-layer rule, with the architecture of
-   `model` (positional encoding, norm, MLP, tying... change the count, so the plan uses them); any size
-   set there (n_layer, n_embd, ...) overrides the plan's and is recorded under `overrides`. The token
-   budget is what the budget buys for that model at the fuller FLOPs-per-token count, split into a batch
-   size (power of two, at least `min_steps` steps) and a step count.
+3. A buildable model: the depth (width = aspect_ratio × depth) that spends the budget on
+   `tokens_per_param` tokens per non-embedding parameter (model.scaling.choose_shape), with the
+   architecture of `model` (positional encoding, norm, MLP, tying... change the count, so the plan
+   uses them); any size set there (n_layer, n_embd, ...) overrides the plan's and is recorded under
+   `overrides`. The token budget is what the budget buys for that model at the fuller FLOPs-per-token
+   count, split into a batch size (power of two, at least `min_steps` steps) and a step count.
 4. Wall time, dollars, the Chinchilla fit's loss estimate, and whether the training split has enough
    tokens: epochs needed, with a warning above `max_epochs`.
 5. Inference: FLOPs and dollars per request at the given token counts and prices.
@@ -110,6 +111,7 @@ class PlanSettings:
     usd_per_gpu_hour: float = 0.0
     context_length: int = 256
     aspect_ratio: int = 64  # model width per layer (nanochat: 64; Kaplan found 50-100 equally good)
+    tokens_per_param: float = 20.0  # training tokens per non-embedding parameter that set the depth
     head_dim: int = 64
     heads_per_kv_head: int = 1  # 1: multi-head attention; > 1: grouped-query attention
     batch_tokens: int | None = None  # tokens per optimizer step; None: a power of two giving ≥ min_steps
@@ -136,6 +138,8 @@ class PlanSettings:
             raise InvalidSetting("mfu", f"must be in (0, 1] (a fraction of peak FLOP/s), got {self.mfu}")
         if self.usd_per_gpu_hour < 0:
             raise InvalidSetting("usd_per_gpu_hour", f"must be ≥ 0, got {self.usd_per_gpu_hour}")
+        if not self.tokens_per_param > 0:
+            raise InvalidSetting("tokens_per_param", f"must be > 0, got {self.tokens_per_param}")
         for key in ("gpus", "context_length", "aspect_ratio", "head_dim", "heads_per_kv_head", "min_steps"):
             if getattr(self, key) < 1:
                 raise InvalidSetting(key, f"must be ≥ 1, got {getattr(self, key)}")
@@ -183,9 +187,10 @@ def _batch_tokens(p: PlanSettings, tokens: float, context: int) -> int:
     return max(1, round(wanted / context)) * context
 
 
-def shape_model(p: PlanSettings, vocab_size: int, params: float) -> tuple[GPTConfig, GPTConfig]:
-    """(planned, used): the shape nearest `params` parameters with the settings' architecture, and that
-    shape with the sizes the settings give. InvalidSetting("model") when GPTConfig rejects either."""
+def shape_model(p: PlanSettings, vocab_size: int, flops: float) -> tuple[GPTConfig, GPTConfig]:
+    """(planned, used): the depth whose model spends `flops` on tokens_per_param tokens per non-embedding
+    parameter, with the settings' architecture (model.scaling.choose_shape), and that shape with the sizes
+    the settings give. InvalidSetting("model") when GPTConfig rejects either."""
     given = dataclasses.asdict(p.model)
     architecture = {key: value for key, value in given.items() if key not in PLANNED_SIZES}
     try:
@@ -193,7 +198,9 @@ def shape_model(p: PlanSettings, vocab_size: int, params: float) -> tuple[GPTCon
             vocab_size=vocab_size, n_layer=1, n_head=1, n_embd=p.head_dim, block_size=p.context_length,
             **architecture,
         )  # fmt: skip
-        planned = choose_shape(params, template, p.aspect_ratio, p.head_dim, p.heads_per_kv_head)
+        planned = choose_shape(
+            flops, template, p.tokens_per_param, p.aspect_ratio, p.head_dim, p.heads_per_kv_head
+        )
         return planned, dataclasses.replace(planned, **given_sizes(p.model))
     except ValueError as err:  # e.g. an odd head_dim with rope, or sizes that do not fit together
         raise InvalidSetting("model", f"does not make a valid model with this plan: {err}") from None
@@ -213,7 +220,7 @@ def make_plan(
     kaplan = kaplan_optimal(budget.flops)
     warnings: list[str] = []
     if base is None:
-        planned, config = shape_model(p, vocab_size, optimal.params)
+        planned, config = shape_model(p, vocab_size, budget.flops)
         overrides = {
             key: {"planned": getattr(planned, key), "used": value}
             for key, value in given_sizes(p.model).items()
@@ -237,16 +244,13 @@ def make_plan(
     hours = tokens * per_token / budget.sustained_flops / 3600
     usd_per_hour = p.usd_per_gpu_hour * p.gpus
 
-    ratio = counts.total / optimal.params
-    if base is None and not 0.5 <= ratio <= 2:
-        smallest = config.n_layer == 1 and not given_sizes(p.model)
-        why = (
-            " (the smallest shape at this vocabulary: the budget is below what it needs)" if smallest else ""
-        )
-        warnings.append(
-            f"the model has {counts.total:,} parameters, {ratio:.1f}× the compute-optimal "
-            f"{optimal.params:,.0f}{why}"
-        )
+    if base is None and config.n_layer == 1 and not given_sizes(p.model):
+        needs = p.tokens_per_param * counts.non_embedding * per_token
+        if budget.flops < needs / 2:
+            warnings.append(
+                f"the budget ({budget.flops:.2e} FLOPs) is below what the smallest shape needs for "
+                f"{p.tokens_per_param:g} tokens per parameter ({needs:.2e}): it trains under-fed"
+            )
     data: dict[str, Any] = {"train_tokens": train_tokens, "epochs": None, "enough": None}
     if train_tokens:
         epochs = tokens / train_tokens
@@ -299,6 +303,8 @@ def make_plan(
             "non_embedding": counts.non_embedding,
             "embedding": counts.token_embedding + counts.position_embedding,
             "compute": counts.compute,
+            # the vocabulary's share: its embedding and (untied) head; a small model's is most of it
+            "embedding_share": (counts.token_embedding + counts.lm_head) / counts.total,
         },
         "flops_per_token": {
             "train_6n": 6 * counts.compute,
@@ -314,6 +320,7 @@ def make_plan(
             "batch_size": batch_tokens // context,
             "steps": steps,
             "tokens_per_param": tokens / counts.total,
+            "tokens_per_non_embedding_param": tokens / counts.non_embedding,
             "flops": tokens * per_token,
             "hours": hours,
             "usd": hours * usd_per_hour,

@@ -8,7 +8,8 @@
   models on fewer tokens, the allocation GPT-3 was trained with.
 - The Chinchilla parametric fit (Approach 3), L(N, D) = E + A/N^α + B/D^β, estimates the final loss. It
   is in nats per token of MassiveText with the paper's tokenizer, so read it as a trend, not a promise.
-- `choose_shape` turns a parameter count into a buildable GPTConfig by a width-per-layer rule.
+- `choose_shape` turns a FLOPs budget into a buildable GPTConfig by one depth dial and a tokens-per-
+  parameter ratio.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 from typing import NamedTuple
 
 from model.config import GPTConfig
-from model.flops import count_params
+from model.flops import count_params, train_flops_per_token
 
 PF_DAY = 1e15 * 86400  # FLOPs in one petaFLOP/s-day
 
@@ -97,18 +98,24 @@ def isoflops_curve(flops: float, params: list[float]) -> list[float]:
 
 
 def choose_shape(
-    target_params: float,
+    flops: float,
     template: GPTConfig,
+    tokens_per_param: float = MIN_TOKENS_PER_PARAM,
     aspect_ratio: int = 64,
     head_dim: int = 64,
     heads_per_kv_head: int = 1,
     max_layers: int = 256,
 ) -> GPTConfig:
-    """The config nearest to `target_params` (total, log scale) with width = aspect_ratio · layers.
+    """The depth whose model, trained on `tokens_per_param` tokens per non-embedding parameter, spends
+    `flops` (nearest on a log scale), with width = aspect_ratio · layers (nanochat's one depth dial).
 
+    The parameters counted are Kaplan's N, without the embeddings: a lookup costs no FLOPs, and at small
+    scale the vocabulary holds most of the total (91% of a 1 × 64 model at 8,192 tokens), so sizing by the
+    total picks the smallest model whatever the budget. The FLOPs per token count everything the model
+    multiplies a token by, the output head and attention included (model/flops.py).
     Width is rounded up to a multiple of `head_dim` (so heads = width / head_dim), and key/value heads
     are heads / heads_per_kv_head (rounded down to a divisor). Everything else comes from `template`
-    (vocabulary, context, positional encoding, norm, MLP, bias, tying): those change the count too."""
+    (vocabulary, context, positional encoding, norm, MLP, bias, tying)."""
     best: tuple[float, GPTConfig] | None = None
     for layers in range(1, max_layers + 1):
         width = head_dim * max(1, math.ceil(aspect_ratio * layers / head_dim))
@@ -124,10 +131,11 @@ def choose_shape(
             n_kv_head=None if kv_heads == heads else kv_heads,
             mlp_hidden=None,
         )
-        distance = abs(math.log(count_params(config).total / target_params))
+        spent = tokens_per_param * count_params(config).non_embedding * train_flops_per_token(config)
+        distance = abs(math.log(spent / flops))
         if best is None or distance < best[0]:
             best = (distance, config)
-        elif count_params(config).total > target_params:
-            break  # sizes only grow with depth from here
+        elif spent > flops:
+            break  # the cost only grows with depth from here
     assert best is not None
     return best[1]

@@ -31,8 +31,9 @@ import contextlib
 import math
 import sys
 import time
+import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -41,11 +42,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model.checkpoint import resume, save_checkpoint
+from model.checkpoint import TrainedModel, resume, save_checkpoint
 from model.data import BatchCursor
-from model.flops import train_flops_per_token
 from model.generate import sample
 from model.gpt import GPT
+from model.optim import Optimizer, OptimizerName, make_optimizer, set_lr
 from model.runtime import Runtime, autocast, setup_runtime
 
 
@@ -69,7 +70,9 @@ class LoopSettings:
 
     micro_batch_size: int | None = None  # sequences per forward pass per rank; None: batch_size / world
     seq_len: int | None = None  # tokens per training sequence, at most the model's context; None: all of it
-    lr: float = 3e-3  # peak learning rate
+    optimizer: OptimizerName = "adamw"  # adamw | muon (hidden matrices; AdamW for the rest): model/optim.py
+    lr: float = 3e-3  # peak learning rate (AdamW's parameters)
+    matrix_lr: float = 0.02  # muon: peak learning rate of the hidden matrices
     min_lr_ratio: float = 0.1  # the schedule ends at lr × min_lr_ratio
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 20  # linear warmup; `for_run` cuts it to fit a shorter run
@@ -98,6 +101,10 @@ class LoopSettings:
                 raise ValueError(f"{key} must be ≥ 1 or null, got {getattr(self, key)}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1]; got {self.lr}, {self.min_lr_ratio}")
+        if self.optimizer not in typing.get_args(OptimizerName):
+            raise ValueError(f"optimizer must be one of {', '.join(typing.get_args(OptimizerName))}")
+        if not self.matrix_lr > 0:
+            raise ValueError(f"matrix_lr must be > 0, got {self.matrix_lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
         if not 0 < self.decay_fraction <= 1:
@@ -118,7 +125,7 @@ class TrainConfig(LoopSettings):
     steps: int
     batch_size: int  # sequences per optimizer step, over all ranks and micro-batches
 
-    def context(self, model: GPT) -> int:
+    def context(self, model: TrainedModel) -> int:
         """Tokens per training sequence for `model`: seq_len, capped at the model's context."""
         return min(self.seq_len or model.config.block_size, model.config.block_size)
 
@@ -175,13 +182,10 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and embeddings) only, not on norms and biases; fused on CUDA."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **fused)
+def loop_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> Optimizer:
+    """The optimizer `cfg` asks for over `model`'s trainable parameters (model/optim.py)."""
+    betas = (cfg.beta1, cfg.beta2)
+    return make_optimizer(model, cfg.optimizer, cfg.lr, cfg.matrix_lr, cfg.weight_decay, betas, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,7 +194,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 def train(
-    model: GPT,
+    model: TrainedModel,
     train_data: Batches,
     val_data: Batches | None,
     cfg: TrainConfig,
@@ -210,7 +214,7 @@ def train(
     runtime = setup_runtime(cfg.device)
     _check_batch(cfg, runtime)
     model.to(runtime.device)
-    optimizer = make_optimizer(model, cfg, runtime.device)
+    optimizer = loop_optimizer(model, cfg, runtime.device)
     start = resume(checkpoints, fingerprint, model, optimizer, discard=runtime.is_main)
     if runtime.world > 1:
         dist.barrier()  # rank 0 may have deleted a stale checkpoint the others also found
@@ -229,7 +233,7 @@ def train(
     model.train()
     peak = peak_flops * runtime.world if peak_flops else None
     context = cfg.context(model)
-    clock = _Throughput(cfg.batch_size * context, train_flops_per_token(model.config, context=context), peak)
+    clock = _Throughput(cfg.batch_size * context, model.config.train_flops_per_token(context), peak)
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         train_loss, grad_norm = _optimizer_step(trained, model, optimizer, lr, train_data, cfg, step, runtime)
@@ -250,7 +254,8 @@ def train(
         history.append({"step": done, **metrics})
         if runtime.is_main:
             callbacks.on_step(done, metrics)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+            postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_second:,.0f}"}
+            bar.set_postfix(postfix, refresh=False)  # drawn by update() at its interval, not every step
             bar.update(1)
 
         final, paused = done == cfg.steps, False  # throughput counts training steps only
@@ -293,6 +298,25 @@ def train(
     )
 
 
+class _StepTimes(Callbacks):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        self.times.append(time.perf_counter())
+
+
+def seconds_per_step(
+    model: TrainedModel, data: Batches, cfg: TrainConfig, scratch: Path, probe: int = 5
+) -> float:
+    """Seconds one optimizer step of `cfg` takes for `model` on this machine: `probe` steps of the loop
+    (checkpoints in `scratch`), the first left out as warm-up. Trains `model`: pass a throwaway copy."""
+    run = replace(cfg, steps=probe + 1, warmup_steps=0, eval_every=10**9, checkpoint_every=10**9)
+    clock = _StepTimes()
+    train(model, data, None, run, scratch, "probe", callbacks=clock, progress=False)
+    return (clock.times[-1] - clock.times[0]) / probe
+
+
 def _check_batch(cfg: TrainConfig, runtime: Runtime) -> None:
     if cfg.batch_size % runtime.world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {runtime.world} ranks")
@@ -303,7 +327,7 @@ def _check_batch(cfg: TrainConfig, runtime: Runtime) -> None:
         )
 
 
-def _parallel(model: GPT, cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
+def _parallel(model: TrainedModel, cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
     """What the optimizer steps run: `model` in DDP over the ranks and compiled if asked. Evaluation,
     sampling and checkpoints use `model` itself, which shares the weights."""
     trained: torch.nn.Module = model
@@ -333,8 +357,8 @@ def _micro_batches(
 
 def _optimizer_step(
     trained: torch.nn.Module,
-    model: GPT,
-    optimizer: torch.optim.Optimizer,
+    model: TrainedModel,
+    optimizer: Optimizer,
     lr: float,
     data: Batches,
     cfg: TrainConfig,
@@ -344,8 +368,7 @@ def _optimizer_step(
     """Optimizer step `step` at `lr`: the global batch's gradients accumulated over micro-batches (DDP
     averages them over ranks on the last one), clipped, one AdamW update. Returns (the batch's mean loss
     over all ranks, the gradient norm before clipping)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr / cfg.lr)
     per_rank = cfg.batch_size // runtime.world
     accumulation = per_rank // (cfg.micro_batch_size or per_rank)
     loss_sum = torch.zeros((), device=runtime.device)
@@ -367,7 +390,7 @@ def _optimizer_step(
 
 @torch.no_grad()
 def evaluate(
-    model: GPT, data: Batches, cfg: TrainConfig, runtime: Runtime, batches: int | None = None
+    model: TrainedModel, data: Batches, cfg: TrainConfig, runtime: Runtime, batches: int | None = None
 ) -> float:
     """Mean loss over a fixed set of validation batches (the same ones at every evaluation)."""
     model.eval()
@@ -385,9 +408,11 @@ def evaluate(
 
 
 def _samples(
-    model: GPT, prompts: list[list[int]], cfg: TrainConfig, eos_id: int | tuple[int, ...] | None
+    model: TrainedModel, prompts: list[list[int]], cfg: TrainConfig, eos_id: int | tuple[int, ...] | None
 ) -> list[list[int]]:
     """Continuations of the prompts, drawn with the same seed each time so that steps compare."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"sample_prompts: {type(model).__name__} has no KV-cache decoding (pass none)")
     generator = torch.Generator().manual_seed(cfg.seed)
     return [
         sample(model, prompt, cfg.sample_tokens, eos_id=eos_id, generator=generator) for prompt in prompts

@@ -4,15 +4,18 @@
    windows (model/perplexity.py); bits per byte is tokenizer-independent (special tokens count 0 bytes).
    The start of the split is scored up to `max_bytes` of text, so models with different tokenizers (a
    from-scratch run, a pretrained base) are scored on the same bytes.
-2. Unigram, bigram and trigram baselines with add-k smoothing (model/ngram.py), trained on the training
-   split and scored on exactly the same tokens, in bits per byte.
+2. References on exactly the same bytes, in bits per byte: unigram, bigram and trigram models with add-k
+   smoothing (model/ngram.py) trained on the training split and scored on the same tokens; xz given the
+   training text (model/compress.py); the GRU baseline of the `gru` stage (models/gru, the same token
+   shards and FLOPs budget); and, when the run starts from a pretrained base, that base as released
+   (models/init). The course's bigram transition heatmap is drawn for the most frequent tokens.
 3. With a LoRA adapter (models/lora) and the domain corpus (data/domain), the domain validation split
    scored by the base model and by base + adapter.
 4. A generation report: each prompt in params × greedy, beam 4, temperatures 0.1/0.5/0.7/1.0, top-k 50,
    top-p 0.95 and repetition penalty 1.2 → the text, mean token probability, distinct-1/-2, repetition
    rate and length; and a per-token table (token, p, log p) of greedy decoding for the first prompt.
-5. Pictures: bits per byte against the baselines, one attention head's weights on a prompt, and the
-   attention mask pattern (causal, and with the model's sliding window when it has one).
+5. Pictures: bits per byte against the references, the bigram heatmap, one attention head's weights on a
+   prompt, and the attention mask pattern (causal, and with the model's sliding window when it has one).
 Outputs: reports/evaluate/ (summary.md, generations.md, greedy_tokens.csv, *.png), plots/evaluate_bpb.csv,
 metrics/evaluate.json; the generation table also goes to MLflow as a table artifact.
 """
@@ -23,27 +26,51 @@ import copy
 import csv
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
+from model.checkpoint import load_checkpoint
+from model.compress import conditional_xz_bits
 from model.generate import GenerationConfig
 from model.lora import load_adapter
 from model.ngram import NgramModel
 from model.perplexity import Scored, strided_nll
+from model.rnn import load_gru
 from model.textgen import Generator, load_generator
 from model.tokens import token_bytes
 from tasks.core import tracking
 from tasks.core.io import atomic_dir, atomic_file
-from tasks.core.layout import BASE_DIR, DOMAIN_DIR, LORA_DIR, PLOTS_DIR, REPORTS_DIR, TOKENS_DIR
+from tasks.core.layout import (
+    BASE_DIR,
+    DOMAIN_DIR,
+    GRU_DIR,
+    INIT_DIR,
+    LORA_DIR,
+    PLOTS_DIR,
+    REPORTS_DIR,
+    TOKENS_DIR,
+)
 from tasks.core.params import ParamsError, StageParams
 from tasks.serving import registry
 
 REPORT_DIR = REPORTS_DIR / "evaluate"
 BPB_PLOT = PLOTS_DIR / "evaluate_bpb.csv"
-BPB_ROWS = (("gpt", "val"), ("unigram", "unigram"), ("bigram", "bigram"), ("trigram", "trigram"))
+#: The bars of bpb.png: (label, metric prefix); the GPT first, then the references it is judged against.
+BPB_ROWS = (
+    ("gpt", "val"),
+    ("base as released", "base"),
+    ("xz (LZMA 9e)", "xz"),
+    ("gru", "gru"),
+    ("unigram", "unigram"),
+    ("bigram", "bigram"),
+    ("trigram", "trigram"),
+)
+HEATMAP_TOKENS = 12  # the bigram heatmap's most frequent tokens
 #: The decoding strategies of the generation report: (name, settings).
 STRATEGIES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("greedy", {"strategy": "greedy"}),
@@ -62,7 +89,7 @@ STRATEGIES: tuple[tuple[str, dict[str, Any]], ...] = (
 class EvaluateParams(StageParams):
     context: int | None = 1024  # scoring window in tokens, at most the model's context; null: the model's
     stride: int | None = None  # sliding-window stride in tokens; null: half the window
-    max_bytes: int = 100_000  # score the start of the validation split, this many bytes of text
+    max_bytes: int | None = None  # score the start of the validation split, this many bytes; null: all
     ngram_k: float = 0.01  # add-k smoothing of the n-gram baselines
     prompts: list[str] = field(
         default_factory=lambda: ["The movie was full of", "ROMEO.", "In the beginning"]
@@ -82,9 +109,13 @@ class EvaluateParams(StageParams):
                 raise ParamsError(
                     f"params.yaml: evaluate.{key} must be ≥ 1 or null, got {getattr(self, key)}"
                 )
-        if self.max_bytes < 1 or self.max_new_tokens < 1 or self.ngram_k <= 0:
+        if (
+            (self.max_bytes is not None and self.max_bytes < 1)
+            or self.max_new_tokens < 1
+            or self.ngram_k <= 0
+        ):
             raise ParamsError(
-                "params.yaml: evaluate.max_bytes ≥ 1, max_new_tokens ≥ 1 and ngram_k > 0 needed"
+                "params.yaml: evaluate.max_bytes ≥ 1 (or null), max_new_tokens ≥ 1 and ngram_k > 0 needed"
             )
         if not self.prompts:
             raise ParamsError("params.yaml: evaluate.prompts is empty")
@@ -150,10 +181,27 @@ def generation_rows(generator: Generator, params: EvaluateParams) -> tuple[list[
     return rows, greedy_steps
 
 
+def split_text(directory: Path, split: str, tokenizer: Tokenizer, boundary: int) -> Iterator[bytes]:
+    """The split's text as UTF-8, decoded from its tokens about a million at a time, each piece cut after
+    a document end (so no character is split between pieces)."""
+    from model.data import TokenShards
+
+    shards, carry = TokenShards(directory, split), np.empty(0, np.int64)
+    for start in range(0, len(shards), 1 << 20):
+        chunk = np.concatenate([carry, shards.tokens(start, min(1 << 20, len(shards) - start))])
+        ends = np.flatnonzero(chunk == boundary)
+        cut = int(ends[-1]) + 1 if len(ends) else 0
+        carry = chunk[cut:]
+        if cut:
+            yield tokenizer.decode(chunk[:cut].tolist()).encode("utf-8")
+    if len(carry):
+        yield tokenizer.decode(carry.tolist()).encode("utf-8")
+
+
 def validation_metrics(
     generator: Generator, root: Path, params: EvaluateParams, sizes: np.ndarray
 ) -> dict[str, Any]:
-    """The model and the n-gram baselines on the validation split ({} when it has under 2 tokens)."""
+    """The model and every reference on the validation split ({} when it has under 2 tokens)."""
     val = _split_tokens(root / TOKENS_DIR, "val", params.max_bytes, sizes)
     if len(val) < 2:
         return {}
@@ -165,12 +213,52 @@ def validation_metrics(
         "scored_tokens": len(scored.index),
         "scored_bytes": int(sizes[val[scored.index]].sum()),
     }
+    for name, directory in (("base", root / INIT_DIR), ("gru", root / GRU_DIR)):
+        if (directory / "model.safetensors").is_file():  # a pretrained base; the GRU baseline when it ran
+            reference = load_gru(directory) if name == "gru" else load_checkpoint(directory)
+            nll = strided_nll(reference, val, params.stride, params.context)
+            metrics[f"{name}_bpb"] = round(nll.bits_per_byte(sizes, val), 5)
+    boundary = generator.special.document_end
+    text = generator.tokenizer.decode(val.tolist()).encode("utf-8")
+    bits = conditional_xz_bits(
+        lambda: split_text(root / TOKENS_DIR, "train", generator.tokenizer, boundary), text
+    )
+    metrics["xz_bpb"] = round(bits / max(len(text), 1), 5)
     train = _split_tokens(root / TOKENS_DIR, "train", None, sizes)
     for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
-        baseline = NgramModel(train, n, len(sizes), params.ngram_k, boundary=generator.special.document_end)
+        baseline = NgramModel(train, n, len(sizes), params.ngram_k, boundary=boundary)
         counted = Scored(scored.index, -baseline.log_prob(val, scored.index))  # the same tokens, scored
         metrics[f"{name}_bpb"] = round(counted.bits_per_byte(sizes, val), 5)
     return metrics
+
+
+def bigram_heatmap(generator: Generator, root: Path, params: EvaluateParams, path: Path) -> None:
+    """P(next | previous) of the bigram baseline among the training split's most frequent tokens."""
+    from matplotlib.figure import Figure
+
+    sizes = token_bytes(generator.tokenizer)
+    train = _split_tokens(root / TOKENS_DIR, "train", None, sizes)
+    if len(train) < 2:
+        return
+    counts = np.bincount(train, minlength=len(sizes))
+    counts[list(generator.stop_ids)] = 0  # document ends are not words
+    top = [int(i) for i in np.argsort(-counts, kind="stable")[:HEATMAP_TOKENS] if counts[i] > 0]
+    bigram = NgramModel(train, 2, len(sizes), params.ngram_k, boundary=generator.special.document_end)
+    table = np.stack([bigram.distribution([row])[top] for row in top])
+    labels = [repr(generator.token(i))[1:-1] for i in top]
+    fig = Figure(figsize=(8, 7))
+    ax = fig.subplots()
+    image = ax.imshow(table, cmap="Blues")
+    for (row, column), value in np.ndenumerate(table):
+        color = "white" if value > table.max() / 2 else "black"
+        ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(len(top)), labels, rotation=60, fontsize=8)
+    ax.set_yticks(range(len(top)), labels, fontsize=8)
+    ax.set(xlabel="next token", ylabel="previous token",
+           title=f"bigram P(next | previous), the {len(top)} most frequent training tokens")  # fmt: skip
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
@@ -200,6 +288,7 @@ def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
         writer.writerows(bpb.items())
     with atomic_dir(root / REPORT_DIR) as out:
         _write_reports(out, generator, params, metrics, bpb, rows, greedy_steps)
+        bigram_heatmap(generator, root, params, out / "bigram_heatmap.png")
     if params.register and tracking.active_run_id() is not None:
         register_models(root, params, metrics)
     return metrics
@@ -276,12 +365,12 @@ def _write_reports(
     if bpb:
         fig = Figure(figsize=(6, 3.5))
         ax = fig.subplots()
-        bars = ax.bar(
-            list(bpb), list(bpb.values()), color=["tab:blue", "tab:grey", "tab:grey", "tab:grey"][: len(bpb)]
-        )
-        ax.bar_label(bars, fmt="%.3f")  # the values, not only their heights
-        ax.margins(y=0.12)  # room above the tallest bar for its label
-        ax.set(ylabel="bits per byte (lower is better)", title="validation bits per byte")
+        colors = ["tab:blue" if name == "gpt" else "tab:grey" for name in bpb]
+        bars = ax.barh(list(bpb), list(bpb.values()), color=colors)
+        ax.bar_label(bars, fmt="%.3f", padding=2)  # the values, not only their lengths
+        ax.margins(x=0.15)  # room right of the longest bar for its label
+        ax.invert_yaxis()  # the GPT on top
+        ax.set(xlabel="bits per byte (lower is better)", title="validation bits per byte, same bytes")
         fig.tight_layout()
         fig.savefig(out / "bpb.png", dpi=100)
 

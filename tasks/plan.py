@@ -127,7 +127,11 @@ def summary_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
             f"{model['pos_encoding']} positions, {model['norm']}, {model['mlp']} MLP, {tying} embeddings, "
             f"bias {model['bias']}",
         ),
-        ("parameters", f"{counts['total']:,} total, {counts['non_embedding']:,} non-embedding"),
+        (
+            "parameters",
+            f"{counts['total']:,} total, {counts['non_embedding']:,} non-embedding; the vocabulary "
+            f"(embedding + head) holds {counts['embedding_share']:.0%}",
+        ),
         (
             "FLOPs per token",
             f"train {per_token['train']:,} (6N = {per_token['train_6n']:,}); generate "
@@ -136,7 +140,8 @@ def summary_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "training",
             f"{train['tokens']:,} tokens = {train['steps']:,} steps × {train['batch_size']} sequences × "
-            f"{train['seq_len']} ({train['tokens_per_param']:.1f} tokens/param)",
+            f"{train['seq_len']} ({train['tokens_per_param']:.1f} tokens/param, "
+            f"{train['tokens_per_non_embedding_param']:.1f} per non-embedding param)",
         ),
         (
             "wall time and cost",

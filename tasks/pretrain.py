@@ -61,6 +61,10 @@ CHECKPOINTS = Path("checkpoints/pretrain")  # under .llmpipe/
 #: Large Language Models: How to (re)warm your model?").
 SCRATCH_LR = 3e-3
 CONTINUED_LR = 5e-5
+#: Muon's step for the blocks' matrices (`pretrain.matrix_lr` null): nanochat's and Muon's authors' 0.02
+#: from scratch, scaled down for a base like the AdamW rate.
+SCRATCH_MATRIX_LR = 0.02
+CONTINUED_MATRIX_LR = SCRATCH_MATRIX_LR * CONTINUED_LR / SCRATCH_LR
 
 
 @dataclass(kw_only=True)
@@ -73,6 +77,7 @@ class PretrainParams(StageParams, LoopSettings, InitSetting):
     batch_size: int | None = None  # sequences per step; null: the plan's
     # peak learning rate; null: SCRATCH_LR from scratch, CONTINUED_LR for a base (TrainConfig gets a float)
     lr: float | None = None  # type: ignore[assignment]
+    matrix_lr: float | None = None  # type: ignore[assignment]  # null: SCRATCH/CONTINUED_MATRIX_LR
     sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO.", "In the beginning"])
     log_model: bool = True  # copy models/base/ into the MLflow run's artifacts
     nproc: int = 1  # processes (GPUs) on this node: > 1 relaunches the stage under torchrun (DDP)
@@ -84,9 +89,11 @@ class PretrainParams(StageParams, LoopSettings, InitSetting):
         training = plan["training"]
         steps = self.steps if self.steps is not None else training["steps"]
         batch_size = self.batch_size if self.batch_size is not None else training["batch_size"]
-        lr = self.lr if self.lr is not None else CONTINUED_LR if training.get("continued") else SCRATCH_LR
+        continued = training.get("continued")
+        lr = self.lr if self.lr is not None else CONTINUED_LR if continued else SCRATCH_LR
+        matrix_lr = self.matrix_lr or (CONTINUED_MATRIX_LR if continued else SCRATCH_MATRIX_LR)
         seq_len = self.seq_len if self.seq_len is not None else training.get("seq_len")
-        return replace(self.for_run(max(steps, 1), batch_size), lr=lr, seq_len=seq_len)
+        return replace(self.for_run(max(steps, 1), batch_size), lr=lr, matrix_lr=matrix_lr, seq_len=seq_len)
 
     def validate(self) -> None:
         if self.nproc < 1:

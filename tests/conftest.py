@@ -76,6 +76,7 @@ FAST_TRAINING = [
     "pretrain.eval_batches=2",
     "pretrain.checkpoint_every=6",
     "pretrain.sample_tokens=8",
+    "gru.steps=6",
     "finetune.steps=6",
     "finetune.batch_size=4",
     "finetune.warmup_steps=1",

@@ -101,11 +101,12 @@ def test_finetune_compares_strategies_and_ships_a_peft_adapter(
     artifacts = {a.path for a in client.list_artifacts(finetune_run.info.run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts
 
-    # evaluate: bits per byte of the model and the n-gram baselines on the same tokens, LoRA vs base on
+    # evaluate: bits per byte of the model and every reference (xz given the training text, the GRU of the
+    # `gru` stage, the n-grams) on the same tokens, LoRA vs base on
     # the domain split, and the generation report over every strategy.
     run_cli(project, "dvc", "repro", "evaluate")
     evaluation = metrics(project, "evaluate")
-    for name in ("val", "unigram", "bigram", "trigram", "domain_bpb_base", "domain_bpb_lora"):
+    for name in ("val", "xz", "gru", "unigram", "bigram", "trigram", "domain_bpb_base", "domain_bpb_lora"):
         value = evaluation[name if name.startswith("domain") else f"{name}_bpb"]
         assert 0 < value < 20
     assert evaluation["domain_bpb_lora"] < evaluation["domain_bpb_base"]  # the adapter learned the domain
@@ -120,7 +121,8 @@ def test_finetune_compares_strategies_and_ships_a_peft_adapter(
         "repetition penalty 1.2",
     ):
         assert f"| {strategy} |" in generations
-    for picture in ("bpb.png", "attention.png", "masks.png"):
+    assert "base_bpb" not in evaluation  # from scratch: no pretrained base to compare with
+    for picture in ("bpb.png", "bigram_heatmap.png", "attention.png", "masks.png"):
         assert (project / "reports/evaluate" / picture).stat().st_size > 0
     assert (
         (project / "reports/evaluate/greedy_tokens.csv").read_text().startswith("position,token,id,p,log_p")

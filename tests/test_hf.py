@@ -83,3 +83,6 @@ def test_configs_without_a_transformers_twin_are_refused(tmp_path: Path) -> None
         save_hf(GPT(dataclasses.replace(BASE, pos_encoding="sinusoidal")), tmp_path)
     with pytest.raises(ValueError, match="GPT-2 layout"):
         save_hf(GPT(dataclasses.replace(LAYOUTS["gpt2"], n_kv_head=2)), tmp_path)
+    for change, word in (({"qk_norm": True}, "qk_norm"), ({"mlp": "relu2"}, "relu2")):
+        with pytest.raises(ValueError, match=word):  # a Llama export would silently compute another function
+            save_hf(GPT(dataclasses.replace(LAYOUTS["llama"], **change)), tmp_path)

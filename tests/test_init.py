@@ -171,6 +171,7 @@ def test_smollm2_through_the_pipeline(smollm2_gguf: Path, project: Path) -> None
             "finetune.eval_batches=1", "finetune.sample_tokens=2", "evaluate.max_bytes=3000",
             "evaluate.context=256", "evaluate.max_new_tokens=2", "evaluate.prompts=[Hello]",
             "pretrain.log_model=false", "finetune.log_model=false", "evaluate.register=false",
+            "gru.steps=0",
         ],
     )  # fmt: skip
     run_cli(project, "dvc", "repro")

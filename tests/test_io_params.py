@@ -8,6 +8,7 @@ from typing import Literal
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from tasks.core.io import DOC_SCHEMA, ShardWriter, atomic_dir, atomic_file, count_rows, dvc_md5, iter_batches
 from tasks.core.params import ParamsError, parse_section, set_overrides
@@ -101,6 +102,10 @@ def test_parse_section_accepts_valid_and_names_bad_keys() -> None:
         parse_section(Example, "demo", {"paths": "corpus"})
     with pytest.raises(ParamsError, match=r"demo\.limit"):
         parse_section(Example, "demo", {"limit": "ten"})
+    # YAML 1.1 (PyYAML, DVC) reads `2e13` as a string; a float setting takes it as the number it is
+    assert parse_section(Example, "demo", {"ratio": yaml.safe_load("r: 2e13")["r"]}).ratio == 2e13
+    with pytest.raises(ParamsError, match=r"demo\.ratio"):
+        parse_section(Example, "demo", {"ratio": "2e13 FLOPs"})
 
 
 def test_overrides_write_typed_values_and_keep_comments(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def test_allocation_is_monotonic_with_20_to_22_tokens_per_param() -> None:
     assert all(20 - 1e-9 <= r <= 22 for r in ratios)
     assert all(b.params >= a.params and b.tokens >= a.tokens for a, b in itertools.pairwise(allocations))
     template = GPTConfig(vocab_size=32000, n_layer=1, n_head=1, n_embd=64, block_size=1024)
-    shapes = [choose_shape(a.params, template) for a in allocations]
+    shapes = [choose_shape(c, template) for c in budgets]
     sizes = [count_params(s).total for s in shapes]
     assert sizes == sorted(sizes)
     kaplan = [kaplan_optimal(c) for c in budgets]
@@ -93,10 +93,13 @@ def test_allocation_is_monotonic_with_20_to_22_tokens_per_param() -> None:
     assert kaplan_optimal(1e24).params > chinchilla_optimal(1e24).params  # Kaplan favours bigger models
 
 
-def test_chosen_shape_is_near_the_optimum_and_follows_the_aspect_rule() -> None:
+def test_chosen_shape_spends_the_budget_and_follows_the_aspect_rule() -> None:
     template = GPTConfig(vocab_size=50257, n_layer=1, n_head=1, n_embd=64, block_size=2048)
-    config = choose_shape(1e9, template, aspect_ratio=64, head_dim=128, heads_per_kv_head=4)
-    assert 0.8 < count_params(config).total / 1e9 < 1.25
+    flops = 1e21
+    config = choose_shape(flops, template, 20, aspect_ratio=64, head_dim=128, heads_per_kv_head=4)
+    spent = 20 * count_params(config).non_embedding * train_flops_per_token(config)
+    assert 0.6 < spent / flops < 1.7  # the nearest depth: one layer more or less misses by more
+    assert choose_shape(8 * flops, template, 20, 64, 128, 4).n_layer > config.n_layer
     assert config.n_embd % 128 == 0 and config.head_dim == 128
     assert config.n_embd == 128 * math.ceil(64 * config.n_layer / 128)
     assert config.kv_heads * 4 <= config.n_head and config.n_head % config.kv_heads == 0
@@ -244,3 +247,25 @@ def test_plan_stage_in_the_pipeline_reads_the_token_split(
     run_cli(project, "llmpipe", "run", "--only", "plan", "-S", "plan.model.n_layer=3")
     plan = json.loads((project / PLAN_FILE).read_text())
     assert plan["model"]["n_layer"] == 3 and plan["overrides"]["n_layer"]["used"] == 3
+
+
+def test_the_default_plan_is_the_same_under_any_load_and_not_the_smallest_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """params.yaml's budget is FLOPs: two clones measuring different CPU peaks (background load moved
+    it from 0.29 to 0.12 TFLOP/s) plan the same model and steps; only the wall-time estimate differs.
+    And the depth dial does not collapse to 1 layer × 64 as sizing by total parameters did."""
+    import yaml
+
+    project = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8"))
+    settings = parse_section(PlanParams, "plan", project["plan"])
+    plans = []
+    for peak in (2.9e11, 1.2e11):
+        monkeypatch.setattr(planner, "cpu_peak_flops", lambda cache, peak=peak: peak)
+        plans.append(make_plan(settings, project["tokenizer"]["vocab_size"], 4_300_000))
+    assert plans[0]["model"] == plans[1]["model"]
+    assert plans[0]["training"] == {**plans[1]["training"], "hours": plans[0]["training"]["hours"]}
+    assert plans[0]["training"]["hours"] < plans[1]["training"]["hours"]
+    model, params = plans[0]["model"], plans[0]["params"]
+    assert model["n_layer"] >= 2 and params["embedding_share"] < 0.5
+    assert plans[0]["training"]["steps"] >= settings.min_steps

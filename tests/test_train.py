@@ -19,12 +19,14 @@ from model.config import GPTConfig
 from model.data import TokenShards
 from model.flops import accelerator_for
 from model.gpt import GPT
+from model.optim import Muon, MuonAdamW, orthogonalize
+from model.rnn import GRULM, GRUConfig, load_gru, save_gru
 from model.train import (
     Callbacks,
     TrainConfig,
     TrainingDiverged,
+    loop_optimizer,
     lr_at,
-    make_optimizer,
     train,
 )
 
@@ -219,7 +221,8 @@ def test_gpu_names_map_to_their_peak(name: str, key: str | None) -> None:
 def test_cuda_code_paths_run_on_cpu(tokens: Path, tmp_path: Path) -> None:
     """What a GPU run does differently, exercised here: bf16 autocast and fused AdamW."""
     model = fresh_model(dataclasses.replace(CONFIG, dropout=0.0))
-    assert make_optimizer(model, TrainConfig(steps=1, batch_size=1), torch.device("cuda")).defaults["fused"]
+    optimizer = loop_optimizer(model, TrainConfig(steps=1, batch_size=1), torch.device("cuda"))
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
     cfg = TrainConfig(
         steps=3,
         batch_size=4,
@@ -232,3 +235,80 @@ def test_cuda_code_paths_run_on_cpu(tokens: Path, tmp_path: Path) -> None:
     trained, result = run(tokens, tmp_path / "ck", cfg)
     assert math.isfinite(result.train_loss)  # type: ignore[attr-defined]
     assert all(p.dtype == torch.float32 for p in trained.parameters())  # master weights stay fp32
+
+
+def test_muon_is_torchs_muon_in_fp32_on_cpu() -> None:
+    """model/optim.Muon is torch.optim.Muon's algorithm; only the Newton-Schulz dtype differs (bf16 on
+    CUDA, fp32 on CPU where bf16 matmuls are ~35× slower)."""
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(48, 16))
+    theirs.data.copy_(ours.data)
+    muon = Muon([{"params": [ours]}], lr=0.02)
+    reference = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
+    muon.param_groups[0]["ns_dtype"] = torch.bfloat16  # as on CUDA: bitwise torch's
+    for _ in range(3):
+        gradient = torch.randn(48, 16)
+        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
+        muon.step()
+        reference.step()
+    assert torch.equal(ours, theirs)
+    fp32 = orthogonalize(torch.randn(32, 64), steps=5, dtype=torch.float32)
+    singular = torch.linalg.svdvals(fp32)
+    assert fp32.dtype == torch.float32 and singular.min() > 0.5 and singular.max() < 1.5  # ~orthogonal
+
+
+def test_muon_runs_the_hidden_matrices_and_adamw_the_rest(tokens: Path, tmp_path: Path) -> None:
+    model = fresh_model(dataclasses.replace(CONFIG, dropout=0.0))
+    optimizer = loop_optimizer(
+        model, TrainConfig(steps=1, batch_size=1, optimizer="muon"), torch.device("cpu")
+    )
+    assert isinstance(optimizer, MuonAdamW)
+    muon = optimizer.optimizers[0]
+    in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    for name, parameter in model.named_parameters():
+        assert (id(parameter) in in_muon) == (name.startswith("blocks.") and parameter.dim() == 2), name
+    cfg = TrainConfig(
+        steps=6,
+        batch_size=4,
+        optimizer="muon",
+        checkpoint_every=2,
+        eval_every=6,
+        eval_batches=1,
+        warmup_steps=1,
+    )
+    reference, finished = run(tokens, tmp_path / "straight", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        run(tokens, tmp_path / "killed", cfg, callbacks=KillAt(3))
+    resumed, result = run(tokens, tmp_path / "killed", cfg)  # both optimizers' states come back
+    assert result.resumed_from == 2  # type: ignore[attr-defined]
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert finished.val_loss < math.log(64)  # type: ignore[attr-defined]  # it learned
+
+
+def test_the_gru_baseline_trains_in_the_same_loop(tokens: Path, tmp_path: Path) -> None:
+    config = GRUConfig(vocab_size=64, n_embd=32, n_layer=2, block_size=16)
+    torch.manual_seed(0)
+    model = GRULM(config)
+    cfg = TrainConfig(
+        steps=30, batch_size=8, warmup_steps=2, eval_every=30, eval_batches=2, checkpoint_every=30
+    )
+    data = TokenShards(tokens, "train")
+    result = train(model, data, TokenShards(tokens, "val"), cfg, tmp_path / "ck", "gru", progress=False)
+    assert result.val_loss is not None and result.val_loss < 0.8 * math.log(64)  # learned the pattern
+    assert result.mfu is None  # no peak given
+    save_gru(model, tmp_path / "gru")
+    again = load_gru(tmp_path / "gru")
+    x = torch.from_numpy(data.tokens(0, 16).astype(np.int64))[None]
+    torch.testing.assert_close(again(x)[0], model.eval()(x)[0], rtol=0, atol=0)
+
+
+def test_the_progress_bar_does_not_write_a_line_per_step_to_a_log(
+    tokens: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a terminal (a log file, Prefect's log): the bar redraws every 30 s, not at every step (each
+    line a Prefect log record: 5 per second slowed a 2-core pretraining by a third)."""
+    cfg = TrainConfig(steps=40, batch_size=2, warmup_steps=1, eval_every=40, eval_batches=1, checkpoint_every=40)
+    train(fresh_model(), TokenShards(tokens, "train"), None, cfg, tmp_path / "ck", "fp", progress=True)
+    frames = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
+    assert 1 <= len(frames) <= 3  # the first frame, maybe one at 30 s, the last

@@ -18,6 +18,7 @@ PLAN_FILE = Path("models/plan.json")
 INIT_DIR = Path("models/init")  # the pretrained base pretraining starts from (empty of weights: scratch)
 INIT_SOURCE = INIT_DIR / "source.json"  # what `pretrain.init` named and what was imported
 BASE_DIR = Path("models/base")
+GRU_DIR = Path("models/gru")  # the recurrent baseline (stage `gru`)
 DOMAIN_DIR = Path("data/domain")  # the fine-tuning corpus, a sub-project with this same layout
 LORA_DIR = Path("models/lora")
 QUARANTINE_DIR = Path("data/quarantine")

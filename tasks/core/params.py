@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -78,6 +79,10 @@ def load_params_file(path: Path) -> dict[str, Any]:
     return data
 
 
+#: A number in exponent notation that YAML 1.1 leaves a string (`2e13`, `2.0e13`: no `+` after the e).
+YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE]\d+")
+
+
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     """Accept `value` if it fits `annotation` (ints are accepted for floats); raise ParamsError if not."""
     origin = typing.get_origin(annotation)
@@ -111,6 +116,8 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         return parse_section(annotation, where.removeprefix("params.yaml: "), value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and YAML11_EXPONENT.fullmatch(value.strip()):
+        return float(value)  # `2e13`: YAML 1.1 (PyYAML, DVC) reads an exponent without a sign as a string
     if annotation in (int, float) and isinstance(value, bool):
         raise ParamsError(f"{where}: expected {annotation.__name__}, got a boolean {value!r}")
     if isinstance(annotation, type) and not isinstance(value, annotation):

@@ -71,6 +71,7 @@ STAGES: dict[str, Stage] = {
         Stage("tokenize", "TokenizeParams", "encode train/val splits into token shards"),
         Stage("plan", "PlanParams", "FLOPs budget → compute-optimal model shape and token budget"),
         Stage("pretrain", "PretrainParams", "train the planned GPT; resumable; HF export"),
+        Stage("gru", "GRUParams", "train the GRU baseline on the GPT's tokens and FLOPs budget"),
         Stage("domain", "DomainParams", "the fine-tuning corpus through ingest → tokenize"),
         Stage("finetune", "FinetuneParams", "LoRA fine-tuning (domain or SFT); full / last-layer compared"),
         Stage("evaluate", "EvaluateParams", "perplexity + bits per byte vs n-gram baselines; generations"),
