@@ -245,7 +245,7 @@ def bigram_heatmap(generator: Generator, root: Path, params: EvaluateParams, pat
     top = [int(i) for i in np.argsort(-counts, kind="stable")[:HEATMAP_TOKENS] if counts[i] > 0]
     bigram = NgramModel(train, 2, len(sizes), params.ngram_k, boundary=generator.special.document_end)
     table = np.stack([bigram.distribution([row])[top] for row in top])
-    labels = [repr(generator.token(i))[1:-1] for i in top]
+    labels = [generator.token(i).replace(" ", "␣").replace("\n", "⏎") for i in top]  # spaces visible
     fig = Figure(figsize=(8, 7))
     ax = fig.subplots()
     image = ax.imshow(table, cmap="Blues")
