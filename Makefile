@@ -37,6 +37,7 @@ bench: $(STAMP)
 	-$(BIN)/python benchmarks/dedup.py
 	-$(BIN)/python benchmarks/tokenizer.py
 	-$(BIN)/python benchmarks/pretrain.py
+	-$(BIN)/python benchmarks/recipe.py
 	-$(BIN)/python benchmarks/generate.py
 
 clean:

@@ -130,7 +130,7 @@ def summary_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "parameters",
             f"{counts['total']:,} total, {counts['non_embedding']:,} non-embedding; the vocabulary "
-            f"(embedding + head) holds {counts['embedding_share']:.0%}",
+            f"(embedding + head) holds {counts['embedding_share']:.1%}",
         ),
         (
             "FLOPs per token",

@@ -129,6 +129,7 @@ def test_a_gguf_base_goes_through_the_whole_pipeline(bpe, project: Path) -> None
     assert "<|im_start|>" in (project / "models/lora/tokenizer_config.json").read_text()
     evaluation = read_json(project / "metrics/evaluate.json")
     assert evaluation["val_bpb"] > 0 and evaluation["scored_bytes"] > 0
+    assert evaluation["base_bpb"] > 0  # the base as released, on the same bytes
 
     init_md5 = md5(gguf_file)
     assert read_json(project / "models/init/source.json")["md5"] == init_md5
