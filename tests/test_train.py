@@ -308,7 +308,9 @@ def test_the_progress_bar_does_not_write_a_line_per_step_to_a_log(
 ) -> None:
     """Not a terminal (a log file, Prefect's log): the bar redraws every 30 s, not at every step (each
     line a Prefect log record: 5 per second slowed a 2-core pretraining by a third)."""
-    cfg = TrainConfig(steps=40, batch_size=2, warmup_steps=1, eval_every=40, eval_batches=1, checkpoint_every=40)
+    cfg = TrainConfig(
+        steps=40, batch_size=2, warmup_steps=1, eval_every=40, eval_batches=1, checkpoint_every=40
+    )
     train(fresh_model(), TokenShards(tokens, "train"), None, cfg, tmp_path / "ck", "fp", progress=True)
     frames = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip()]
     assert 1 <= len(frames) <= 3  # the first frame, maybe one at 30 s, the last
