@@ -3,8 +3,9 @@
 Fair by construction: the same token shards (data/tokens), the same training loop (model/train.py: the
 same batches, schedule and checkpoints), the plan's batch and sequence length, and the same wall time as
 the GPT's pretraining took (metrics/pretrain.json `seconds`). Wall time, not FLOPs: a GRU's recurrence
-is sequential, and on a CPU torch's GRU trains at a small fraction of the FLOP/s a transformer reaches
-(0.4 vs 7 GFLOP/s measured on 2 cores), so the GPT's FLOPs would take it hours. A few timed steps turn the
+is sequential, and torch's GRU turns fewer FLOP/s into training than the transformer (~18 vs ~46
+GFLOP/s in the bundled run on 2 cores), so the GPT's FLOPs would take it ~2.5× as long; the fair
+question on a laptop is what each learns in the same minutes. A few timed steps turn the
 seconds into a step count (`gru.steps` sets one instead), so the GRU is the baseline a user could have
 trained in the same time on the same machine. Its width is the GPT's unless `gru.n_embd` sets one.
 It writes models/gru/ (config.json + model.safetensors); `evaluate` scores it on the GPT's validation
