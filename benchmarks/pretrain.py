@@ -14,7 +14,6 @@ data-sheet bf16 peak on a known GPU). Ends with PASS/FAIL for the ratio target.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -35,7 +34,7 @@ from model.data import BatchCursor, TokenShards  # noqa: E402
 from model.flops import ACCELERATORS, accelerator_for, measure_cpu_flops, train_flops_per_token  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.runtime import autocast, setup_runtime  # noqa: E402
-from model.train import Callbacks, TrainConfig, train  # noqa: E402
+from model.train import TrainConfig, seconds_per_step  # noqa: E402
 
 console = Console(width=140)
 
@@ -96,24 +95,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-class StepClock(Callbacks):
-    """When step 1 and the last step finished: the steady-state loop, without set-up or the final save."""
-
-    def __init__(self) -> None:
-        self.times: dict[int, float] = {}
-
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        self.times[step] = time.perf_counter()
-
-
 def trainer_seconds(config: GPTConfig, data: TokenShards, cfg: TrainConfig, scratch: Path) -> float:
     """Seconds for cfg.steps steps of model/train.py after its first (warm-up) step, like the plain loop."""
     torch.manual_seed(0)
-    model = GPT(config)
-    clock = StepClock()
-    run = dataclasses.replace(cfg, steps=cfg.steps + 1, checkpoint_every=cfg.steps + 1)
-    train(model, data, None, run, scratch / "run", "bench", callbacks=clock, progress=False)
-    return clock.times[cfg.steps + 1] - clock.times[1]
+    return seconds_per_step(GPT(config), data, cfg, scratch / "run", probe=cfg.steps) * cfg.steps
 
 
 def main() -> int:

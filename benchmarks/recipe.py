@@ -42,6 +42,7 @@ from model.flops import count_params  # noqa: E402
 from model.gpt import GPT  # noqa: E402
 from model.perplexity import strided_nll  # noqa: E402
 from model.train import LoopSettings, TrainConfig, seconds_per_step, train  # noqa: E402
+from tasks.pretrain import SCRATCH_LR, SCRATCH_MATRIX_LR  # noqa: E402
 
 console = Console(width=150)
 
@@ -66,7 +67,7 @@ class Recipe:
         )  # fmt: skip
 
 
-MUON = {"optimizer": "muon", "lr": 3e-3, "matrix_lr": 0.02}  # pretraining's defaults
+MUON = {"optimizer": "muon", "lr": SCRATCH_LR, "matrix_lr": SCRATCH_MATRIX_LR}  # pretraining's defaults
 #: The candidates: the old default, then one lever at a time changed from the default (2×128, vocabulary
 #: 2,048, batches of 8 × 256 tokens, Muon).
 RECIPES: dict[str, Recipe] = {

@@ -1,4 +1,4 @@
-"""The pretraining loop: AdamW, warmup + cosine/WSD schedule, accumulation, clipping, exact resume.
+"""The training loop: AdamW or Muon + AdamW, warmup + cosine/WSD schedule, accumulation, clipping, resume.
 
     result = train(model, TokenShards(dir, "train"), TokenShards(dir, "val"), TrainConfig(steps=..., ...),
                    checkpoints=Path(".llmpipe/checkpoints/pretrain"), fingerprint=..., callbacks=...)
@@ -366,7 +366,7 @@ def _optimizer_step(
     runtime: Runtime,
 ) -> tuple[float, float]:
     """Optimizer step `step` at `lr`: the global batch's gradients accumulated over micro-batches (DDP
-    averages them over ranks on the last one), clipped, one AdamW update. Returns (the batch's mean loss
+    averages them over ranks on the last one), clipped, one optimizer update. Returns (the batch's mean loss
     over all ranks, the gradient norm before clipping)."""
     set_lr(optimizer, lr / cfg.lr)
     per_rank = cfg.batch_size // runtime.world

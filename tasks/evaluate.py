@@ -7,7 +7,7 @@
 2. References on exactly the same bytes, in bits per byte: unigram, bigram and trigram models with add-k
    smoothing (model/ngram.py) trained on the training split and scored on the same tokens; xz given the
    training text (model/compress.py); the GRU baseline of the `gru` stage (models/gru, the same token
-   shards and FLOPs budget); and, when the run starts from a pretrained base, that base as released
+   shards and wall time); and, when the run starts from a pretrained base, that base as released
    (models/init). The course's bigram transition heatmap is drawn for the most frequent tokens.
 3. With a LoRA adapter (models/lora) and the domain corpus (data/domain), the domain validation split
    scored by the base model and by base + adapter.
@@ -199,9 +199,14 @@ def split_text(directory: Path, split: str, tokenizer: Tokenizer, boundary: int)
 
 
 def validation_metrics(
-    generator: Generator, root: Path, params: EvaluateParams, sizes: np.ndarray
+    generator: Generator,
+    root: Path,
+    params: EvaluateParams,
+    sizes: np.ndarray,
+    ngrams: dict[str, NgramModel],
 ) -> dict[str, Any]:
-    """The model and every reference on the validation split ({} when it has under 2 tokens)."""
+    """The model and every reference on the validation split ({} when it has under 2 tokens); `ngrams`
+    are the count models by name, counted on the training split."""
     val = _split_tokens(root / TOKENS_DIR, "val", params.max_bytes, sizes)
     if len(val) < 2:
         return {}
@@ -224,26 +229,21 @@ def validation_metrics(
         lambda: split_text(root / TOKENS_DIR, "train", generator.tokenizer, boundary), text
     )
     metrics["xz_bpb"] = round(bits / max(len(text), 1), 5)
-    train = _split_tokens(root / TOKENS_DIR, "train", None, sizes)
-    for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
-        baseline = NgramModel(train, n, len(sizes), params.ngram_k, boundary=boundary)
+    for name, baseline in ngrams.items():
         counted = Scored(scored.index, -baseline.log_prob(val, scored.index))  # the same tokens, scored
         metrics[f"{name}_bpb"] = round(counted.bits_per_byte(sizes, val), 5)
     return metrics
 
 
-def bigram_heatmap(generator: Generator, root: Path, params: EvaluateParams, path: Path) -> None:
+def bigram_heatmap(generator: Generator, train: np.ndarray, bigram: NgramModel, path: Path) -> None:
     """P(next | previous) of the bigram baseline among the training split's most frequent tokens."""
     from matplotlib.figure import Figure
 
-    sizes = token_bytes(generator.tokenizer)
-    train = _split_tokens(root / TOKENS_DIR, "train", None, sizes)
     if len(train) < 2:
         return
-    counts = np.bincount(train, minlength=len(sizes))
+    counts = np.bincount(train, minlength=bigram.vocab_size)
     counts[list(generator.stop_ids)] = 0  # document ends are not words
     top = [int(i) for i in np.argsort(-counts, kind="stable")[:HEATMAP_TOKENS] if counts[i] > 0]
-    bigram = NgramModel(train, 2, len(sizes), params.ngram_k, boundary=generator.special.document_end)
     table = np.stack([bigram.distribution([row])[top] for row in top])
     labels = [generator.token(i).replace(" ", "␣").replace("\n", "⏎") for i in top]  # spaces visible
     fig = Figure(figsize=(8, 7))
@@ -266,7 +266,12 @@ def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
     root = Path(root)
     generator = load_generator(root / BASE_DIR)
     sizes = token_bytes(generator.tokenizer)
-    metrics = validation_metrics(generator, root, params, sizes)  # empty: no validation text to score
+    train = _split_tokens(root / TOKENS_DIR, "train", None, sizes)
+    ngrams = {  # counted once: scored in validation_metrics, the bigram drawn in the heatmap
+        name: NgramModel(train, n, len(sizes), params.ngram_k, boundary=generator.special.document_end)
+        for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram"))
+    }
+    metrics = validation_metrics(generator, root, params, sizes, ngrams)  # empty: no validation text
     domain_tokens = root / DOMAIN_DIR / TOKENS_DIR
     if (root / LORA_DIR / "adapter_config.json").is_file() and (domain_tokens / "meta.json").is_file():
         domain = _split_tokens(domain_tokens, "val", params.max_bytes, sizes)
@@ -288,7 +293,7 @@ def run(params: EvaluateParams, root: Path) -> dict[str, Any]:
         writer.writerows(bpb.items())
     with atomic_dir(root / REPORT_DIR) as out:
         _write_reports(out, generator, params, metrics, bpb, rows, greedy_steps)
-        bigram_heatmap(generator, root, params, out / "bigram_heatmap.png")
+        bigram_heatmap(generator, train, ngrams["bigram"], out / "bigram_heatmap.png")
     if params.register and tracking.active_run_id() is not None:
         register_models(root, params, metrics)
     return metrics
